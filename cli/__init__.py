@@ -1,0 +1,1 @@
+"""The `spot-fast` command line (typer)."""

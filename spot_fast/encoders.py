@@ -1,0 +1,177 @@
+"""The frozen ViT that spot-fast caches: a timm model, its weights, and one forward that returns
+both the final tokens and the split-layer tokens (no hooks).
+
+- final tokens: after the last block, WITHOUT the final norm, CLS and registers dropped -> (B, N, D)
+- split tokens: the input of block `split_block`, CLS and registers kept -> (B, 1+R+N, D)
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from spot_fast.config import EncoderConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsNotFound(FileNotFoundError):
+    pass
+
+
+def build_vit(cfg: EncoderConfig) -> nn.Module:
+    """A randomly initialised timm VisionTransformer of the configured architecture."""
+    from timm.models import create_model
+    from timm.models.vision_transformer import VisionTransformer
+
+    spec = cfg.spec
+    if spec.timm_name is None:
+        model = VisionTransformer(img_size=cfg.image_size, patch_size=spec.patch_size,
+                                  embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
+                                  mlp_ratio=4.0, qkv_bias=True, num_classes=0,
+                                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    else:
+        model = create_model(spec.timm_name, pretrained=False, img_size=cfg.image_size, num_classes=0)
+    return model.eval()
+
+
+def _unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
+    """Accept a bare state dict or the usual wrappers (DINO's 'teacher', MAE's 'model', ...)."""
+    for key in ("teacher", "model", "state_dict", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    state = {}
+    for k, v in obj.items():
+        for prefix in ("module.", "backbone.", "encoder."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        state[k] = v
+    return state
+
+
+def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFound(f"--weights {path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    return _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_local_weights(cfg: EncoderConfig) -> Path | None:
+    """Weights already on this machine: the Hugging Face cache (timm's files), then torch hub's."""
+    spec = cfg.spec
+    if spec.hf_repo:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            for fname in ("model.safetensors", "pytorch_model.bin"):
+                hit = try_to_load_from_cache(spec.hf_repo, fname)
+                if isinstance(hit, str) and os.path.isfile(hit):
+                    return Path(hit)
+        except ImportError:
+            pass
+    if spec.torch_hub_file:
+        hub = Path(torch.hub.get_dir()) / "checkpoints" / spec.torch_hub_file
+        if hub.is_file():
+            return hub
+    return None
+
+
+def missing_weights_message(cfg: EncoderConfig) -> str:
+    spec = cfg.spec
+    where = [f"pass --weights FILE (a .pth/.safetensors in DINO's original or timm's naming)"]
+    if spec.hf_repo:
+        where.append(f"put timm's file in the Hugging Face cache as repo {spec.hf_repo} "
+                     f"(e.g. `huggingface-cli download {spec.hf_repo}` on a machine with internet)")
+    if spec.torch_hub_file:
+        where.append(f"or copy the original release to {Path(torch.hub.get_dir()) / 'checkpoints' / spec.torch_hub_file}")
+    where.append("or use --random-init for tests (the cache is then marked random-init)")
+    return f"no weights found for encoder {cfg.name!r}: " + "; ".join(where)
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load DINO/DINOv2/MAE/timm-named weights, resampling the position embedding if needed."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = checkpoint_filter_fn(state, model)
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.", "decoder", "mask_token"))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"encoder weights do not fit {type(model).__name__}: "
+                         f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+
+
+@dataclass
+class EncoderTokens:
+    final: torch.Tensor                 # (B, N, D): last block, no final norm, prefix tokens dropped
+    split: torch.Tensor | None = None   # (B, P+N, D): input of block `split_block`, prefix kept
+
+
+class FrozenEncoder(nn.Module):
+    """A frozen timm ViT returning final and split-layer tokens in one forward."""
+
+    def __init__(self, cfg: EncoderConfig, vit: nn.Module, weights_id: str):
+        super().__init__()
+        self.cfg = cfg
+        self.vit = vit.eval().requires_grad_(False)
+        self.weights_id = weights_id    # sha256 of the weights file, or "random-init:<seed>"
+
+    @classmethod
+    def create(cls, cfg: EncoderConfig, weights: str | os.PathLike | None = None,
+               random_init: bool = False, seed: int = 0) -> "FrozenEncoder":
+        """Build from `weights`, else the local HF/torch-hub cache; `random_init` for tests only."""
+        if random_init:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                return cls(cfg, build_vit(cfg), f"random-init:{seed}")
+        path = Path(weights) if weights is not None else find_local_weights(cfg)
+        if path is None:
+            raise WeightsNotFound(missing_weights_message(cfg))
+        vit = build_vit(cfg)
+        load_weights(vit, read_weights_file(path))
+        return cls(cfg, vit, file_sha256(path))
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.vit.num_prefix_tokens
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, split_block: int | None = None) -> EncoderTokens:
+        """images: (B, 3, H, W), ImageNet-normalised."""
+        vit = self.vit
+        x = vit.patch_embed(images)
+        x = vit._pos_embed(x)          # prepend CLS/registers, add position embedding
+        x = vit.patch_drop(x)
+        x = vit.norm_pre(x)
+        split = None
+        for i, block in enumerate(vit.blocks):
+            if i == split_block:
+                split = x
+            x = block(x)
+        return EncoderTokens(final=x[:, self.num_prefix_tokens:], split=split)
+
+    def tail_state(self, split_block: int) -> dict[str, torch.Tensor]:
+        """Weights of blocks >= split_block and the final norm, named as in the timm model."""
+        return {k: v for k, v in self.vit.state_dict().items()
+                if k.startswith("norm.") or (k.startswith("blocks.") and int(k.split(".")[1]) >= split_block)}
+
+
+def build_tail(cfg: EncoderConfig) -> nn.ModuleList:
+    """Fresh copies of the encoder's blocks >= split_block (the stage-2 student's fine-tuned part)."""
+    vit = build_vit(cfg)
+    return nn.ModuleList(vit.blocks[cfg.split_block:])
