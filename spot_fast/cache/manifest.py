@@ -1,0 +1,111 @@
+"""The cache manifest: one JSON file that says what a cache holds and how to check it.
+
+Only a complete `manifest.json` makes a directory a cache. It is written last, atomically
+(tmp file + `os.replace`), so a killed build never leaves something that looks finished.
+The manifest is deterministic (no timestamps): two builds of the same content are byte-identical.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TAIL_FILE = "tail.safetensors"     # frozen blocks >= split_block + final norm (stage 2)
+BUILD_STATE = ".build.json"      # present while a build is unfinished: its content key and spec
+SHARD_MARKERS = ".shards"        # one JSON per finished shard (checksums); merged into the manifest
+
+# Stored dtypes of the token arrays. zarr and numpy have no bfloat16: bf16 is stored as its
+# raw uint16 bits and the manifest records "bf16".
+STORED_NUMPY = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}
+MASK_DTYPES = {"uint8": np.uint8, "int16": np.int16}
+
+
+class CacheError(Exception):
+    """A problem the user can fix (wrong cache for this model, bad path, incomplete build)."""
+
+
+def to_stored(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """A float tensor (any device) -> numpy array in the cache's stored dtype."""
+    if dtype == "bf16":
+        return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return t.to(torch.float16 if dtype == "fp16" else torch.float32).cpu().numpy()
+
+
+def from_stored(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Numpy array in the stored dtype -> float32 tensor (exact: widening only)."""
+    if dtype == "bf16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.ascontiguousarray(a)).float()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON to `path` via a tmp file + fsync + os.replace: readers see old or new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    data = json.dumps(obj, indent=1, sort_keys=True) + "\n"
+    with open(tmp, "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of the cache at `path`; CacheError if there is no complete one."""
+    path = Path(path)
+    if not path.exists():
+        raise CacheError(f"no cache at {path}: the directory does not exist")
+    file = path / MANIFEST
+    if not file.is_file():
+        if (path / BUILD_STATE).is_file():
+            raise CacheError(f"{path} is an unfinished cache build (no {MANIFEST}): rerun the same "
+                             f"`spot-fast cache ...` command to resume it")
+        raise CacheError(f"{path} is not a spot-fast cache: it has no {MANIFEST} "
+                         f"(build one with `spot-fast cache DATASET --root ... --out {path}`)")
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CacheError(f"{file} is unreadable ({e}): rebuild the cache") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise CacheError(f"{file} has schema version {manifest.get('schema_version')}, this spot-fast "
+                         f"reads version {SCHEMA_VERSION}: rebuild the cache with this version")
+    if not manifest.get("complete"):
+        raise CacheError(f"{file} is not marked complete: rerun the build command to finish it")
+    return manifest
+
+
+
+def all_checksums(manifest: dict) -> dict[str, tuple[str, str]]:
+    """relative path -> (sha256, owner) for every file the manifest covers; owner names the shard."""
+    out = {rel: (sha, "cache metadata") for rel, sha in manifest["files"].items()}
+    for shard in manifest["shards"]:
+        for rel, sha in shard["files"].items():
+            out[rel] = (sha, f"shard {shard['index']} (images {shard['start']}..{shard['stop'] - 1})")
+    return out
+
+
+def verify(path: str | os.PathLike) -> list[str]:
+    """Re-hash every file of the cache; a list of problems (empty: the cache is intact)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    problems = []
+    for rel, (sha, owner) in sorted(all_checksums(manifest).items()):
+        file = path / rel
+        if not file.is_file():
+            problems.append(f"{owner}: {rel} is missing")
+        elif sha256_file(file) != sha:
+            problems.append(f"{owner}: {rel} has a wrong sha256 (corrupt or modified)")
+    return problems

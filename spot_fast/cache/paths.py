@@ -1,0 +1,98 @@
+"""What determines a cache's content (`CacheSpec`), its content key, and where it lives by default.
+
+Default location: `$SPOT_FAST_CACHE_DIR/<dataset>-<split>-<encoder>-<key12>`, with
+SPOT_FAST_CACHE_DIR defaulting to ~/.cache/spot-fast. The key hashes every field of the spec,
+so the same command finds its finished cache again and a different one never collides with it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spot_fast.cache.manifest import MASK_DTYPES, SCHEMA_VERSION, STORED_NUMPY, CacheError
+from spot_fast.config import EncoderConfig
+
+FORMATS = ("zarr", "wds")
+
+
+def cache_base_dir() -> Path:
+    """$SPOT_FAST_CACHE_DIR, else ~/.cache/spot-fast."""
+    env = os.environ.get("SPOT_FAST_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "spot-fast"
+
+
+def encoder_description(cfg: EncoderConfig) -> dict:
+    """The encoder fields that shape the cached tokens (named encoders ignore the custom fields)."""
+    spec = cfg.spec
+    return {"name": cfg.name, "timm_name": spec.timm_name, "image_size": cfg.image_size,
+            "patch_size": spec.patch_size, "embed_dim": spec.embed_dim, "depth": spec.depth,
+            "num_heads": spec.num_heads, "num_registers": spec.num_registers}
+
+
+@dataclass
+class CacheSpec:
+    """Everything that determines the bytes of a cache."""
+    dataset: str                    # source name: coco | voc | movi | folder | synthetic
+    root: str                       # dataset root (made absolute)
+    split: str                      # "train" (all views) | "val" (1 view + masks + JPEG)
+    encoder: EncoderConfig          # architecture and input resolution (its split_block is not used)
+    weights_id: str                 # sha256 of the weights file, or "random-init:<seed>"
+    split_block: int | None = None  # also store the tokens entering this block (stage 2); None: not
+    dtype: str = "fp16"             # token storage: fp16 | bf16 (uint16 bits) | fp32
+    format: str = "zarr"            # zarr (one v3 group) | wds (WebDataset tar shards)
+    chunk_images: int = 64          # images per shard: one zarr chunk or one tar
+    compression: str | None = None  # zarr only: None | "zstd" | "zstd:<level>"
+    mask_size: int = 320            # ground-truth mask resolution (val)
+    mask_dtype: str = "uint8"       # instance/class mask storage: uint8 | int16
+    source_options: dict = field(default_factory=dict)  # extra keyword options of open_source
+
+    def __post_init__(self):
+        self.root = str(Path(self.root).expanduser().resolve())
+        self.validate()
+
+    def validate(self) -> None:
+        checks = [
+            (self.split in ("train", "val"), f"split must be 'train' or 'val', got {self.split!r}"),
+            (self.dtype in STORED_NUMPY, f"--dtype must be one of {sorted(STORED_NUMPY)}, got {self.dtype!r}"),
+            (self.format in FORMATS, f"--format must be one of {FORMATS}, got {self.format!r}"),
+            (self.mask_dtype in MASK_DTYPES, f"--mask-dtype must be one of {sorted(MASK_DTYPES)}, got {self.mask_dtype!r}"),
+            (self.chunk_images >= 1, f"--chunk-images must be >= 1, got {self.chunk_images}"),
+            (self.compression is None or self.format == "zarr",
+             "--compress applies to --format zarr only (WebDataset shards are plain tar files)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CacheError(message)
+        self.zstd_level()   # validates the compression string
+        depth = self.encoder.spec.depth
+        if self.split_block is not None and not 0 <= self.split_block < depth:
+            raise CacheError(f"--split-block {self.split_block} is outside the encoder's blocks 0..{depth - 1}")
+
+    def zstd_level(self) -> int | None:
+        if self.compression is None:
+            return None
+        name, _, level = self.compression.partition(":")
+        if name != "zstd" or (level and not level.lstrip("-").isdigit()):
+            raise CacheError(f"--compress must be 'zstd' or 'zstd:<level>', got {self.compression!r}")
+        return int(level) if level else 3
+
+    @property
+    def random_init(self) -> bool:
+        return self.weights_id.startswith("random-init")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["encoder"] = encoder_description(self.encoder)
+        return d
+
+    def key(self) -> str:
+        """sha256 of the canonical JSON of the spec (and the schema version)."""
+        blob = json.dumps({"schema_version": SCHEMA_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def default_path(self) -> Path:
+        return cache_base_dir() / f"{self.dataset}-{self.split}-{self.encoder.name}-{self.key()[:12]}"

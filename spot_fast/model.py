@@ -1,0 +1,106 @@
+"""The SPOT model on features (spec sections 2-4).
+
+Stage 1 consumes cached final tokens. Stage 2 (`cfg.stage == 2`) owns the fine-tuned encoder tail
+(timm blocks >= split_block, initialised from the frozen encoder) that turns cached split-layer
+tokens (CLS/registers included) into its slot-attention input; its decoder target stays the
+frozen final tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from spot_fast.config import SPOTConfig
+from spot_fast.decoder import ARDecoder, MLPDecoder
+from spot_fast.encoders import build_tail
+from spot_fast.slot_attention import SlotAttention
+
+
+@dataclass
+class SPOTOutput:
+    loss: torch.Tensor       # () reconstruction MSE, sum((target - recon)^2) / (B * N * D)
+    recon: torch.Tensor      # (B, N, D) raster order, mean over the decoded orders
+    dec_masks: torch.Tensor  # (B, K, h, w) decoder cross-attention masks (last block)
+    sa_masks: torch.Tensor   # (B, K, h, w) slot-attention masks (last iteration)
+    sa_logits: torch.Tensor  # (B, N, K) last-iteration logits ((B, H, N, K) with H > 1 heads)
+    slots: torch.Tensor      # (B, K, S)
+
+
+class SPOT(nn.Module):
+    def __init__(self, cfg: SPOTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, S, grid = cfg.feature_dim, cfg.slot_attention.slot_size, cfg.grid_size
+        self.encoder_tail = build_tail(cfg.encoder) if cfg.stage == 2 else None
+        self.num_prefix_tokens = 1 + cfg.encoder.spec.num_registers
+        self.slot_attention = SlotAttention(cfg.slot_attention, D)
+        decoder_cls = ARDecoder if cfg.decoder.kind == "transformer" else MLPDecoder
+        self.decoder = decoder_cls(cfg.decoder, D, S, grid)
+
+    @property
+    def num_orders(self) -> int:
+        return self.cfg.decoder.num_orders
+
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Stage 2: split-layer tokens (B, P+N, D) -> features (B, N, D). Stage 1: identity."""
+        if self.encoder_tail is None:
+            return inputs
+        x = inputs
+        for block in self.encoder_tail:
+            x = block(x)
+        return x[:, self.num_prefix_tokens:]
+
+    def load_tail(self, frozen_state: dict[str, torch.Tensor]) -> None:
+        """Initialise the stage-2 tail from the frozen encoder's `blocks.{i}.*` (timm names)."""
+        b = self.cfg.encoder.split_block
+        state = {f"{int(k.split('.')[1]) - b}.{k.split('.', 2)[2]}": v for k, v in frozen_state.items()
+                 if k.startswith("blocks.") and int(k.split(".")[1]) >= b}
+        self.encoder_tail.load_state_dict(state)
+
+    def order_ids(self, batch: int, orders=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, R) order indices to decode. `orders`: None (the config's train/eval default for
+        the current mode), "standard", "random", "per_sample", "all", an int, or a tensor."""
+        device = self.decoder.bos.device if hasattr(self.decoder, "bos") else None
+        if isinstance(orders, (list, tuple)):            # the same R orders for every sample
+            return torch.tensor(orders, dtype=torch.long, device=device).expand(batch, len(orders))
+        if isinstance(orders, torch.Tensor):
+            ids = orders.to(device=device, dtype=torch.long)
+            if ids.dim() == 0:
+                return ids.expand(batch, 1)
+            return ids.view(batch, 1) if ids.dim() == 1 else ids   # (B,) one per sample, or (B, R)
+        if isinstance(orders, int):
+            return torch.full((batch, 1), orders, dtype=torch.long, device=device)
+        mode = orders or (self.cfg.decoder.train_orders if self.training else self.cfg.decoder.eval_orders)
+        P = self.num_orders
+        if mode == "standard":
+            return torch.zeros(batch, 1, dtype=torch.long, device=device)
+        if mode == "all":
+            return torch.arange(P, device=device).expand(batch, P)
+        if mode == "random":
+            p = torch.randint(P, (1,), generator=generator).item()
+            return torch.full((batch, 1), p, dtype=torch.long, device=device)
+        if mode == "per_sample":
+            return torch.randint(P, (batch, 1), generator=generator).to(device)
+        raise ValueError(f"unknown orders {orders!r}: use standard|random|per_sample|all, an int or a tensor")
+
+    def forward(self, inputs: torch.Tensor, target: torch.Tensor | None = None, orders=None,
+                noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> SPOTOutput:
+        """inputs: features (B, N, D) in stage 1, split-layer tokens (B, P+N, D) in stage 2.
+        target: the decoder's target features (B, N, D); defaults to the (detached) features,
+        which is stage 1. orders / noise: see `order_ids` and `SlotAttention.initial_slots`."""
+        features = self.encode(inputs)
+        if target is None:
+            target = features.detach()
+        B, N, D = target.shape
+        K, h = self.cfg.slot_attention.num_slots, self.cfg.grid_size
+        sa = self.slot_attention(features, noise=noise)
+        ids = self.order_ids(B, orders, generator)
+        recon, dec_masks = self.decoder(sa.slots, target, ids)
+        loss = ((target - recon) ** 2).sum() / (B * N * D)
+        logits = sa.logits.squeeze(1) if sa.logits.shape[1] == 1 else sa.logits
+        return SPOTOutput(loss=loss, recon=recon,
+                          dec_masks=dec_masks.transpose(-1, -2).reshape(B, K, h, h),
+                          sa_masks=sa.attn.transpose(-1, -2).reshape(B, K, h, h),
+                          sa_logits=logits, slots=sa.slots)
