@@ -180,3 +180,17 @@ def test_presets_build(name):
         SPOT(s2)
     expected_slots = {"coco": 7, "voc": 6, "movi-c": 11, "movi-e": 24, "tiny": 3}[name]
     assert cfg.slot_attention.num_slots == expected_slots
+
+
+@pytest.mark.parametrize("name", ["dino_vitb16", "dino_vits8", "dinov2_vits14", "dinov2_vits14_reg", "mae_vitb16"])
+def test_every_encoder_gives_grid_tokens(name):
+    cfg = EncoderConfig(name=name, image_size=112 if "8" in name else 224, split_block=8)
+    enc = FrozenEncoder.create(cfg, random_init=True)
+    tokens = enc(torch.randn(1, 3, cfg.image_size, cfg.image_size), split_block=8)
+    prefix = 1 + cfg.spec.num_registers
+    assert tokens.final.shape == (1, cfg.num_patches, cfg.feature_dim)
+    assert tokens.split.shape == (1, prefix + cfg.num_patches, cfg.feature_dim)
+    assert enc.weights_id.startswith("random-init")
+    # no final norm: the last block's output, prefix tokens dropped
+    x = enc.vit.forward_features(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
+    assert not torch.allclose(enc(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).final, x[:, prefix:])

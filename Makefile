@@ -1,0 +1,30 @@
+# Two entry points that work on a fresh machine (Python 3.11, package registries reachable):
+#   make demo   installs spot-fast and runs the main job on the built-in synthetic dataset
+#   make test   installs spot-fast with its test extras and runs the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.14.1 + torchvision 0.29.1 (timm needs torchvision); the package itself asks only torch>=2.4.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+DEMO_DIR ?= runs/demo
+
+.PHONY: install test demo clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+demo: install
+	$(BIN)/spot-fast data synthetic --out $(DEMO_DIR)/data
+	SPOT_FAST_CACHE_DIR=$(DEMO_DIR)/cache $(BIN)/spot-fast cache synthetic --root $(DEMO_DIR)/data \
+		--split both --preset tiny --random-init
+	$(BIN)/python -m spot_fast.smoke --cache-dir $(DEMO_DIR)/cache --out $(DEMO_DIR)
+
+clean:
+	rm -rf $(DEMO_DIR)

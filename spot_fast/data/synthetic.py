@@ -1,0 +1,247 @@
+"""A small procedural multi-object dataset in COCO format, for tests and the demo.
+
+    write_synthetic(Path("/tmp/synth"), SyntheticConfig(num_train=64, num_val=16))
+
+writes `train2017/*.jpg`, `val2017/*.jpg` and `annotations/instances_{train,val}2017.json`, so
+`open_source("synthetic", root, split)` (the COCO reader) can use it. Each scene has 2-5 textured
+shapes (5 categories, COCO ids 1-5) on a gradient, noise or striped background; the first image
+of each split and about half of the others have an object placed to overlap another. Images are
+landscape or portrait (shorter side `image_size`, longer side 4/3 of it). Annotations are the
+whole (amodal) shape, so overlaps show up in the ignore mask; their segmentation format cycles
+through polygon, compressed RLE (string counts) and uncompressed RLE (list counts). Everything is
+a pure function of the seed.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+
+CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 2, "name": "rectangle"},
+              {"id": 3, "name": "triangle"}, {"id": 4, "name": "pentagon"},
+              {"id": 5, "name": "star"})
+SEGMENTATION_FORMATS = ("polygon", "rle", "uncompressed_rle")
+_SPLIT_ID_BASE = {"train": 1, "val": 1_000_001}  # distinct image ids across splits
+
+
+@dataclass
+class SyntheticConfig:
+    num_train: int = 64      # images in train2017/
+    num_val: int = 16        # images in val2017/
+    image_size: int = 96     # shorter image side in pixels (the longer side is 4/3 of it)
+    seed: int = 0            # everything is a function of this
+    min_objects: int = 2     # objects per scene, inclusive range
+    max_objects: int = 5
+    overlap_prob: float = 0.5  # chance that a scene places its 2nd object over its 1st
+    jpeg_quality: int = 95
+
+
+@dataclass
+class SceneObject:
+    category_id: int
+    polygon: list[tuple[float, float]]  # vertices (x, y) in pixels
+    mask: np.ndarray                    # (H, W) bool, the rasterised polygon
+
+
+# --- shapes -------------------------------------------------------------------------------------
+
+def _regular(cx: float, cy: float, radii: list[float], angle: float) -> list[tuple[float, float]]:
+    """Vertices at the given radii, evenly spaced in angle, starting at `angle`."""
+    n = len(radii)
+    return [(cx + r * math.cos(angle + 2 * math.pi * k / n),
+             cy + r * math.sin(angle + 2 * math.pi * k / n)) for k, r in enumerate(radii)]
+
+
+def shape_polygon(category_id: int, cx: float, cy: float, r: float,
+                  rng: np.random.Generator) -> list[tuple[float, float]]:
+    """Polygon of one shape of circumradius `r`; every shape contains the disc of radius 0.38 r."""
+    angle = rng.uniform(0, 2 * math.pi)
+    if category_id == 1:
+        return _regular(cx, cy, [r] * 32, 0.0)
+    if category_id == 2:
+        half_w, half_h = r, r * rng.uniform(0.5, 1.0)
+        cos, sin = math.cos(angle), math.sin(angle)
+        corners = [(-half_w, -half_h), (half_w, -half_h), (half_w, half_h), (-half_w, half_h)]
+        scale = r / math.hypot(half_w, half_h)  # keep the circumradius at r
+        return [(cx + scale * (x * cos - y * sin), cy + scale * (x * sin + y * cos)) for x, y in corners]
+    if category_id == 3:
+        return _regular(cx, cy, [r] * 3, angle)
+    if category_id == 4:
+        return _regular(cx, cy, [r] * 5, angle)
+    return _regular(cx, cy, [r, 0.45 * r] * 5, angle)
+
+
+def rasterise(polygon: list[tuple[float, float]], width: int, height: int) -> np.ndarray:
+    """(H, W) bool mask of a polygon."""
+    canvas = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(canvas).polygon(polygon, fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+# --- textures -----------------------------------------------------------------------------------
+
+def _colour(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(20, 235, size=3).astype(np.float32)
+
+
+def _stripes(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1]: a sinusoid along a random direction."""
+    theta, period = rng.uniform(0, math.pi), rng.uniform(4, 16)
+    phase = (xx * math.cos(theta) + yy * math.sin(theta)) * 2 * math.pi / period
+    return 0.5 + 0.5 * np.sin(phase)
+
+
+def _blobs(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """(H, W) in [0, 1]: smooth noise, a small random grid upsampled bicubically."""
+    grid = (rng.uniform(0, 255, size=(rng.integers(3, 7), rng.integers(3, 7)))).astype(np.uint8)
+    big = Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC)
+    return np.asarray(big, dtype=np.float32) / 255
+
+
+def background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """(H, W, 3) float32 background: gradient, smooth noise or stripes between two colours."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    kind = rng.integers(3)
+    if kind == 0:
+        theta = rng.uniform(0, 2 * math.pi)
+        t = xx * math.cos(theta) + yy * math.sin(theta)
+        weight = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    elif kind == 1:
+        weight = _blobs(rng, height, width)
+    else:
+        weight = _stripes(rng, yy, xx)
+    a, b = _colour(rng), _colour(rng)
+    return a * (1 - weight[..., None]) + b * weight[..., None]
+
+
+def texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """(H, W, 3) float32 object texture: flat, striped or checkered."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    a, b = _colour(rng), _colour(rng)
+    kind = rng.integers(3)
+    if kind == 0:
+        weight = np.zeros((height, width), dtype=np.float32)
+    elif kind == 1:
+        weight = _stripes(rng, yy, xx)
+    else:
+        cell = int(rng.integers(3, 9))
+        weight = ((yy // cell + xx // cell) % 2).astype(np.float32)
+    return a * (1 - 0.6 * weight[..., None]) + b * (0.6 * weight[..., None])
+
+
+# --- scenes -------------------------------------------------------------------------------------
+
+def _centre(rng: np.random.Generator, r: float, width: int, height: int) -> tuple[float, float]:
+    return rng.uniform(r + 1, width - r - 1), rng.uniform(r + 1, height - r - 1)
+
+
+def render_scene(rng: np.random.Generator, width: int, height: int, num_objects: int,
+                 overlap: bool) -> tuple[np.ndarray, list[SceneObject]]:
+    """(H, W, 3) uint8 image and its objects, drawn in order (later ones on top).
+
+    With `overlap`, object 1 is no larger than object 0 and its centre is 0.25 (r0 + r1) from
+    object 0's, so their discs of radius 0.38 r overlap: the two masks always intersect.
+    """
+    short = min(width, height)
+    image = background(rng, height, width)
+    objects, placed = [], []
+    for k in range(num_objects):
+        category_id = int(rng.integers(1, len(CATEGORIES) + 1))
+        if overlap and k == 1:
+            (cx0, cy0), r0 = placed[0]
+            r = r0 * rng.uniform(0.6, 1.0)
+            phi, d = rng.uniform(0, 2 * math.pi), 0.25 * (r0 + r)
+            cx = float(np.clip(cx0 + d * math.cos(phi), r + 1, width - r - 1))
+            cy = float(np.clip(cy0 + d * math.sin(phi), r + 1, height - r - 1))
+        else:
+            r = rng.uniform(0.15, 0.3) * short
+            cx, cy = _centre(rng, r, width, height)
+        polygon = shape_polygon(category_id, cx, cy, r, rng)
+        mask = rasterise(polygon, width, height)
+        image[mask] = texture(rng, height, width)[mask]
+        placed.append(((cx, cy), r))
+        objects.append(SceneObject(category_id, polygon, mask))
+    image += rng.normal(0, 4, size=image.shape).astype(np.float32)
+    return np.clip(image, 0, 255).round().astype(np.uint8), objects
+
+
+# --- COCO annotations ---------------------------------------------------------------------------
+
+def uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO uncompressed RLE: run lengths over the column-major pixels, starting with zeros."""
+    flat = mask.flatten(order="F").astype(np.uint8)
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat[0] == 1:
+        counts = [0] + counts
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
+
+
+def segmentation(obj: SceneObject, fmt: str) -> dict | list:
+    """The object's COCO segmentation in `fmt` (one of SEGMENTATION_FORMATS)."""
+    if fmt == "polygon":
+        return [[round(v, 2) for point in obj.polygon for v in point]]
+    if fmt == "rle":
+        rle = mask_utils.encode(np.asfortranarray(obj.mask.astype(np.uint8)))
+        return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    if fmt == "uncompressed_rle":
+        return uncompressed_rle(obj.mask)
+    raise ValueError(f"unknown segmentation format {fmt!r}: use one of {SEGMENTATION_FORMATS}")
+
+
+def annotation(obj: SceneObject, ann_id: int, image_id: int, fmt: str) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(obj.mask.astype(np.uint8)))
+    return {"id": ann_id, "image_id": image_id, "category_id": obj.category_id,
+            "segmentation": segmentation(obj, fmt), "area": float(obj.mask.sum()),
+            "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0}
+
+
+def write_split(out: Path, split: str, count: int, config: SyntheticConfig,
+                on_image: Callable[[], None] | None = None) -> dict:
+    """Write `count` images of `split` and their annotation file; returns the COCO dict."""
+    rng = np.random.default_rng([config.seed, 0 if split == "train" else 1])
+    image_dir = out / f"{split}2017"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    short, long = config.image_size, config.image_size * 4 // 3
+    images, annotations = [], []
+    for k in range(count):
+        image_id = _SPLIT_ID_BASE[split] + k
+        width, height = (long, short) if rng.random() < 0.5 else (short, long)
+        num_objects = int(rng.integers(config.min_objects, config.max_objects + 1))
+        overlap = k == 0 or rng.random() < config.overlap_prob
+        pixels, objects = render_scene(rng, width, height, num_objects, overlap)
+        file_name = f"{image_id:012d}.jpg"
+        Image.fromarray(pixels).save(image_dir / file_name, quality=config.jpeg_quality)
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        for obj in objects:
+            fmt = SEGMENTATION_FORMATS[len(annotations) % len(SEGMENTATION_FORMATS)]
+            annotations.append(annotation(obj, len(annotations) + 1, image_id, fmt))
+        if on_image is not None:
+            on_image()
+    coco = {"info": {"description": f"spot-fast synthetic shapes, seed {config.seed}"},
+            "images": images, "annotations": annotations,
+            "categories": [dict(c, supercategory="shape") for c in CATEGORIES]}
+    ann_dir = out / "annotations"
+    ann_dir.mkdir(parents=True, exist_ok=True)
+    (ann_dir / f"instances_{split}2017.json").write_text(json.dumps(coco))
+    return coco
+
+
+def write_synthetic(out: str | Path, config: SyntheticConfig | None = None,
+                    on_image: Callable[[], None] | None = None) -> dict[str, int]:
+    """Write the whole dataset under `out`; returns {"train": images, "val": images, "annotations": n}."""
+    config = config or SyntheticConfig()
+    if config.image_size < 16 or not 1 <= config.min_objects <= config.max_objects:
+        raise ValueError("image_size must be at least 16 and 1 <= min_objects <= max_objects")
+    out = Path(out)
+    train = write_split(out, "train", config.num_train, config, on_image)
+    val = write_split(out, "val", config.num_val, config, on_image)
+    return {"train": len(train["images"]), "val": len(val["images"]),
+            "annotations": len(train["annotations"]) + len(val["annotations"])}
