@@ -145,7 +145,7 @@ def render_scene(rng: np.random.Generator, width: int, height: int, num_objects:
                  overlap: bool) -> tuple[np.ndarray, list[SceneObject]]:
     """(H, W, 3) uint8 image and its objects, drawn in order (later ones on top).
 
-    With `overlap`, object 1 is no larger than object 0 and its centre is 0.25 (r0 + r1) from
+    With `overlap`, object 1 is no larger than object 0 and its centre is 0.3 (r0 + r1) from
     object 0's, so their discs of radius 0.38 r overlap: the two masks always intersect.
     """
     short = min(width, height)
@@ -156,7 +156,7 @@ def render_scene(rng: np.random.Generator, width: int, height: int, num_objects:
         if overlap and k == 1:
             (cx0, cy0), r0 = placed[0]
             r = r0 * rng.uniform(0.6, 1.0)
-            phi, d = rng.uniform(0, 2 * math.pi), 0.25 * (r0 + r)
+            phi, d = rng.uniform(0, 2 * math.pi), 0.3 * (r0 + r)
             cx = float(np.clip(cx0 + d * math.cos(phi), r + 1, width - r - 1))
             cy = float(np.clip(cy0 + d * math.sin(phi), r + 1, height - r - 1))
         else:

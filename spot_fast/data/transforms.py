@@ -42,7 +42,7 @@ def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
             return img.convert(mode) if mode is not None else img.copy()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         reason = str(err) or type(err).__name__
-        if "truncated" in reason:
+        if "truncated" in reason.lower():
             reason = f"{reason} (truncated files are skipped, not padded as the reference does)"
         raise BadImage(path, reason) from err
 
