@@ -22,9 +22,9 @@ test: install
 
 demo: install
 	$(BIN)/spot-fast data synthetic --out $(DEMO_DIR)/data
-	SPOT_FAST_CACHE_DIR=$(DEMO_DIR)/cache $(BIN)/spot-fast cache synthetic --root $(DEMO_DIR)/data \
-		--split both --preset tiny --random-init
-	$(BIN)/python -m spot_fast.smoke --cache-dir $(DEMO_DIR)/cache --out $(DEMO_DIR)
+	$(BIN)/spot-fast cache synthetic --root $(DEMO_DIR)/data --split both --preset tiny --image-size 64 \
+		--random-init --out $(DEMO_DIR)/cache
+	$(BIN)/python -m spot_fast.quickstart --cache $(DEMO_DIR)/cache --preset tiny --image-size 64 --out $(DEMO_DIR)
 
 clean:
 	rm -rf $(DEMO_DIR)
