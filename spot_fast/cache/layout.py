@@ -65,14 +65,7 @@ class Shard:
     ignore_mask: np.ndarray | None = None
     jpeg: list[bytes] | None = None
     skipped: list[dict] = field(default_factory=list)   # {"index", "path", "reason"}
+    int_ids: bool = False                 # every image id was an int (restored as int on reading)
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    def select(self, keep: np.ndarray) -> "Shard":
-        """The shard restricted to positions `keep` (an index array into the valid rows)."""
-        take = lambda a: None if a is None else a[keep]   # noqa: E731
-        return Shard(self.index, self.start, self.stop, self.rows[keep],
-                     [self.image_ids[i] for i in keep], self.features[keep], take(self.split_tokens),
-                     take(self.instance_mask), take(self.class_mask), take(self.ignore_mask),
-                     None if self.jpeg is None else [self.jpeg[i] for i in keep], self.skipped)

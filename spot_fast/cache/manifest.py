@@ -37,11 +37,16 @@ def to_stored(t: torch.Tensor, dtype: str) -> np.ndarray:
     return t.to(torch.float16 if dtype == "fp16" else torch.float32).cpu().numpy()
 
 
-def from_stored(a: np.ndarray, dtype: str) -> torch.Tensor:
-    """Numpy array in the stored dtype -> float32 tensor (exact: widening only)."""
-    if dtype == "bf16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(np.ascontiguousarray(a)).float()
+def from_stored(a: np.ndarray, dtype: str, out: torch.dtype | None = torch.float32,
+                pin_memory: bool = False) -> torch.Tensor:
+    """Numpy array in the stored dtype -> tensor of dtype `out` (None: the stored float type as is).
+
+    One pass: the result is allocated (pinned if asked) and filled by a converting copy."""
+    src = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16) if dtype == "bf16" \
+        else torch.from_numpy(np.ascontiguousarray(a))
+    if (out is None or out == src.dtype) and not pin_memory:
+        return src
+    return torch.empty(src.shape, dtype=out or src.dtype, pin_memory=pin_memory).copy_(src)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -48,6 +48,7 @@ class CacheSpec:
     compression: str | None = None  # zarr only: None | "zstd" | "zstd:<level>"
     mask_size: int = 320            # ground-truth mask resolution (val)
     mask_dtype: str = "uint8"       # instance/class mask storage: uint8 | int16
+    autocast: str | None = None     # run the encoder under torch.autocast: None | "bf16" | "fp16"
     source_options: dict = field(default_factory=dict)  # extra keyword options of open_source
 
     def __post_init__(self):
@@ -60,6 +61,7 @@ class CacheSpec:
             (self.dtype in STORED_NUMPY, f"--dtype must be one of {sorted(STORED_NUMPY)}, got {self.dtype!r}"),
             (self.format in FORMATS, f"--format must be one of {FORMATS}, got {self.format!r}"),
             (self.mask_dtype in MASK_DTYPES, f"--mask-dtype must be one of {sorted(MASK_DTYPES)}, got {self.mask_dtype!r}"),
+            (self.autocast in (None, "bf16", "fp16"), f"--autocast must be bf16 or fp16, got {self.autocast!r}"),
             (self.chunk_images >= 1, f"--chunk-images must be >= 1, got {self.chunk_images}"),
             (self.compression is None or self.format == "zarr",
              "--compress applies to --format zarr only (WebDataset shards are plain tar files)"),

@@ -11,6 +11,7 @@ import io
 import os
 import tarfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -72,10 +73,13 @@ def decode_sample(files: dict[str, bytes]) -> dict:
     return out
 
 
-def iter_tar(source) -> "iter[tuple[int, dict]]":
+def iter_tar(source) -> Iterator[tuple[int, dict]]:
     """(row, decoded sample) for each sample of a tar (a path or a readable binary file)."""
-    with tarfile.open(source, mode="r|") if isinstance(source, (str, os.PathLike)) \
-            else tarfile.open(fileobj=source, mode="r|") as tar:
+    if isinstance(source, (str, os.PathLike)):
+        tar = tarfile.open(source, mode="r|")
+    else:
+        tar = tarfile.open(fileobj=source, mode="r|")
+    with tar:
         key, files = None, {}
         for member in tar:
             if not member.isfile():
@@ -90,18 +94,18 @@ def iter_tar(source) -> "iter[tuple[int, dict]]":
             yield int(key), decode_sample(files)
 
 
-def stack_samples(index: int, start: int, stop: int, samples: list[tuple[int, dict]]) -> Shard:
-    """Decoded samples of one shard -> a Shard (row order as given)."""
+def stack_samples(index: int, start: int, stop: int, samples: list[tuple[int, dict]], specs: dict[str, dict]) -> Shard:
+    """Decoded samples of one shard -> a Shard (row order as given); `specs`: the manifest's arrays."""
     rows = np.array([r for r, _ in samples], dtype=np.int64)
     arrays = {}
     for field in ARRAY_FIELDS:
-        if samples and field in samples[0][1]:
-            arrays[field] = np.stack([s[field] for _, s in samples])
-    if "features" not in arrays:
-        arrays["features"] = np.zeros((0,), np.float16)
-    jpeg = [s["jpeg"] for _, s in samples] if samples and "jpeg" in samples[0][1] else None
+        if field in specs:
+            spec = specs[field]
+            arrays[field] = np.stack([s[field] for _, s in samples]) if samples else \
+                np.zeros((0, *spec["shape"][1:]), spec["dtype"])
+    jpeg = [s["jpeg"] for _, s in samples] if "jpeg" in specs else None
     return Shard(index, start, stop, rows, [s["image_id"] for _, s in samples], jpeg=jpeg, **arrays)
 
 
-def read_shard(path: Path, index: int, start: int, stop: int) -> Shard:
-    return stack_samples(index, start, stop, list(iter_tar(path / shard_name(index))))
+def read_shard(path: Path, index: int, start: int, stop: int, specs: dict[str, dict]) -> Shard:
+    return stack_samples(index, start, stop, list(iter_tar(path / shard_name(index))), specs)

@@ -35,15 +35,14 @@ def create(path: Path, specs: dict[str, dict], chunk_images: int, zstd_level: in
            attrs: dict) -> list[str]:
     """Create the group and its empty arrays; returns the metadata files (relative paths)."""
     with _quiet():
-        group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
+        group = zarr.open_group(str(path), mode="a", zarr_format=3, attributes=attrs)  # "w" would delete .build.json
         for name, spec in specs.items():
             compressors = None
             if zstd_level is not None and spec["dtype"] not in ("bytes", "str"):
                 compressors = zarr.codecs.ZstdCodec(level=zstd_level)
             group.create_array(name, shape=tuple(spec["shape"]), dtype=_zarr_dtype(spec["dtype"]),
                                chunks=(chunk_images, *spec["shape"][1:]), compressors=compressors,
-                               fill_value=b"" if spec["dtype"] == "bytes" else ("" if spec["dtype"] == "str" else 0),
-                               config={"write_empty_chunks": True})
+                               fill_value=b"" if spec["dtype"] == "bytes" else ("" if spec["dtype"] == "str" else 0))
     return ["zarr.json"] + [f"{name}/zarr.json" for name in specs]
 
 
@@ -53,14 +52,33 @@ def chunk_file(name: str, ndim: int, index: int) -> str:
 
 
 class ZarrStore:
-    """Read/write shards of the zarr cache at `path`."""
+    """Read/write shards of the zarr cache at `path`.
 
-    def __init__(self, path: Path, specs: dict[str, dict], mode: str = "r"):
+    Reading has a fast path for uncompressed caches (`raw=True`): an uncompressed v3 chunk of a
+    numeric array is exactly its C-order little-endian bytes (edge chunks padded to full size), so
+    it is read with one `np.fromfile`, ~3x faster than going through zarr's codec pipeline. The
+    zarr-API path (`raw=False`) is the reference; tests hold the two equal.
+    """
+
+    def __init__(self, path: Path, specs: dict[str, dict], mode: str = "r", chunk_images: int | None = None,
+                 raw: bool = False):
         self.path = Path(path)
         self.specs = specs
+        self.chunk_images, self.raw = chunk_images, raw and chunk_images is not None
         with _quiet():
             self.group = zarr.open_group(str(path), mode=mode, zarr_format=3)
-            self.arrays = {name: self.group[name] for name in specs}
+            # write_empty_chunks is a runtime setting, not stored: without it an all-zero chunk
+            # (a shard of skipped images) would not be written and its checksum could not exist.
+            self.arrays = {name: self.group[name].with_config({"write_empty_chunks": True}) for name in specs}
+
+    def _block(self, name: str, index: int, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop of array `name` (all of chunk `index`)."""
+        spec = self.specs[name]
+        if not self.raw or spec["dtype"] in ("str", "bytes"):
+            return self.arrays[name][start:stop]
+        chunk = (self.chunk_images, *spec["shape"][1:])
+        a = np.fromfile(self.path / chunk_file(name, len(chunk), index), dtype=np.dtype(spec["dtype"]).newbyteorder("<"))
+        return a.reshape(chunk)[: stop - start]
 
     def write(self, shard: Shard, on_file=None) -> list[str]:
         """Write shard `shard.index` (rows start..stop); skipped rows become zeros. Returns its files."""
@@ -97,13 +115,13 @@ class ZarrStore:
             return self._read(index, start, stop, tuple(self.specs) if names is None else names)
 
     def _read(self, index: int, start: int, stop: int, names: tuple[str, ...]) -> Shard:
-        valid = self.arrays["valid"][start:stop].astype(bool)
+        valid = self._block("valid", index, start, stop).astype(bool)
         keep = np.flatnonzero(valid)
         ids = self.arrays["image_id"][start:stop]
         out = {}
         for name in ("features", "split_tokens", *MASK_NAMES):
             if name in names and name in self.specs:
-                block = self.arrays[name][start:stop]
+                block = self._block(name, index, start, stop)
                 out[name] = block if len(keep) == len(valid) else block[keep]
         jpeg = None
         if "jpeg" in names and "jpeg" in self.specs:

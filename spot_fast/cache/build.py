@@ -1,0 +1,527 @@
+"""Build a feature cache: run the frozen encoder once over a `Source` and store its tokens.
+
+    spec = CacheSpec("coco", root, "train", EncoderConfig(), weights_id, split_block=8)
+    result = build_cache(source, encoder, spec)          # -> BuildResult(path, manifest, ...)
+
+Never loses work: shard k (rows k*C .. k*C+C-1) is written by its store (zarr chunk files or
+one tar, each via a tmp name + rename) and then recorded by an atomically written marker
+`.shards/shard-XXXXX.json` holding its checksums. A rerun skips recorded shards, rewrites the
+rest, and ends byte-identical to an uninterrupted build: every encoder batch lies inside one
+shard and depends only on that shard, and nothing written holds a time or a process id.
+The manifest is written last; it alone makes the directory a cache.
+
+Several processes (`torchrun --nproc-per-node G spot-fast cache ...`): rank r builds shards
+k = r, r+G, ...; rank 0 merges their markers into the manifest after a barrier. The output
+directory must be shared by all ranks (one machine, or a shared file system).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from spot_fast import __version__
+from spot_fast.cache import wds_store, zarr_store
+from spot_fast.cache.layout import MASK_NAMES, Shard, array_specs, shard_bounds
+from spot_fast.cache.manifest import (BUILD_STATE, MANIFEST, MASK_DTYPES, SCHEMA_VERSION, SHARD_MARKERS,
+                                      TAIL_FILE, CacheError, read_manifest, sha256_file, to_stored,
+                                      write_json_atomic)
+from spot_fast.cache.paths import CacheSpec, encoder_description
+from spot_fast.data.base import BadImage, Source
+from spot_fast.encoders import (FrozenEncoder, WeightsNotFound, file_sha256, find_local_weights,
+                                missing_weights_message)
+
+FAIL_AFTER_ENV = "SPOT_FAST_CACHE_FAIL_AFTER"   # tests: die (os._exit) mid-way through shard N+1
+
+
+def resolve_weights_id(cfg, weights: str | os.PathLike | None, random_init: bool, seed: int = 0
+                       ) -> tuple[Path | None, str]:
+    """(weights file, weights id) without loading the model: the id is part of the cache key."""
+    if random_init:
+        return None, f"random-init:{seed}"
+    path = Path(weights) if weights is not None else find_local_weights(cfg)
+    if path is None:
+        raise WeightsNotFound(missing_weights_message(cfg))
+    if not path.is_file():
+        raise WeightsNotFound(f"--weights {path}: no such file")
+    return path, file_sha256(path)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass
+class Ranks:
+    """This process's place among the build processes (torchrun's RANK / WORLD_SIZE)."""
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False    # we initialised torch.distributed and must tear it down
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def ranks_from_env(device: torch.device) -> Ranks:
+    """Join the process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    dist = torch.distributed
+    if dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # Long timeout: ranks wait at the final barrier while the slowest rank finishes its shards.
+    dist.init_process_group(backend, timeout=timedelta(hours=48))
+    return Ranks(dist.get_rank(), dist.get_world_size(), owns_group=True)
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- reading the source
+
+class _SourceItems(Dataset):
+    """Source rows as plain dicts for a DataLoader; BadImage becomes a 'bad' entry, never an error."""
+
+    def __init__(self, source: Source, split: str):
+        self.source, self.split = source, split
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        src = self.source
+        try:
+            if self.split == "train":
+                item = {"views": src.train_views(i)}
+            else:
+                s = src.val_sample(i)
+                item = {"views": s.image[None], "jpeg": s.jpeg, "instance_mask": s.instance_mask,
+                        "class_mask": s.class_mask, "ignore_mask": s.ignore_mask}
+        except BadImage as e:
+            return {"index": i, "bad": {"index": i, "path": e.path, "reason": e.reason}}
+        return {"index": i, "id": src.image_id(i), **item}
+
+
+def _list_collate(items: list[dict]) -> list[dict]:
+    return items
+
+
+def _mask_array(mask: torch.Tensor, dtype: str, what: str, image_id) -> np.ndarray:
+    info = np.iinfo(MASK_DTYPES[dtype])
+    lo, hi = int(mask.min()), int(mask.max())
+    if lo < info.min or hi > info.max:
+        raise CacheError(f"image {image_id}: {what} values {lo}..{hi} do not fit --mask-dtype {dtype}; "
+                         f"rerun with --mask-dtype int16")
+    return mask.numpy().astype(MASK_DTYPES[dtype])
+
+
+# ----------------------------------------------------------------------------- the build
+
+@dataclass
+class BuildResult:
+    path: Path
+    manifest: dict | None               # None on ranks > 0
+    already_cached: bool = False
+    images_built: int = 0               # encoded by this process in this run
+    skipped: list[dict] = field(default_factory=list)   # skipped by this process in this run
+    shards_resumed: int = 0             # shards found finished from an earlier run
+    seconds: float = 0.0
+
+
+class _Builder:
+    """One build process: prepares the directory (rank 0), encodes its shards, merges (rank 0)."""
+
+    def __init__(self, source: Source, encoder: FrozenEncoder, spec: CacheSpec, out: Path,
+                 ranks: Ranks, device: torch.device, batch_size: int, num_workers: int, progress: bool):
+        self.source, self.encoder, self.spec, self.out = source, encoder, spec, out
+        self.ranks, self.device = ranks, device
+        self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
+        self.key = spec.key()
+        cfg = spec.encoder
+        self.views = source.num_views if spec.split == "train" else 1
+        self.num_rows = len(source)
+        self.num_patches, self.dim = cfg.num_patches, cfg.feature_dim
+        self.num_tokens = None if spec.split_block is None else encoder.num_prefix_tokens + cfg.num_patches
+        self.specs = array_specs(num_rows=self.num_rows, views=self.views, num_patches=self.num_patches,
+                                 num_tokens=self.num_tokens, dim=self.dim, dtype=spec.dtype,
+                                 with_val=spec.split == "val", mask_size=spec.mask_size,
+                                 mask_dtype=spec.mask_dtype)
+        self.bounds = shard_bounds(self.num_rows, spec.chunk_images)
+
+    # -- directory ------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Rank 0: create or resume the build directory (metadata, tail weights, build state)."""
+        out, state_file = self.out, self.out / BUILD_STATE
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CacheError(f"cannot create the cache directory {out}: {e.strerror}; "
+                             f"pass a writable --out (or set SPOT_FAST_CACHE_DIR)") from None
+        if not os.access(out, os.W_OK):
+            raise CacheError(f"the cache directory {out} is not writable: pass another --out")
+        state = json.loads(state_file.read_text()) if state_file.is_file() else None
+        if state is not None and state["content_key"] != self.key:
+            raise CacheError(f"{out} holds an unfinished build of a different cache (dataset "
+                             f"{state['spec']['dataset']}, split {state['spec']['split']}); delete it "
+                             f"or pass another --out")
+        if state is None and any(out.iterdir()):
+            raise CacheError(f"--out {out} is not empty and is not a spot-fast cache build: "
+                             f"choose a new or empty directory")
+        if state is not None and state.get("prepared"):
+            _remove_temporaries(out)
+            return
+        for child in out.iterdir():     # an interrupted preparation: start over
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        write_json_atomic(state_file, {"content_key": self.key, "spec": self.spec.to_dict(), "prepared": False})
+        if self.spec.format == "zarr":
+            zarr_store.create(out, self.specs, self.spec.chunk_images, self.spec.zstd_level(),
+                              attrs={"spot_fast_cache": True, "content_key": self.key})
+        if self.spec.split_block is not None:
+            _save_tail(out / TAIL_FILE, self.encoder.tail_state(self.spec.split_block),
+                       {"weights": self.spec.weights_id, "split_block": self.spec.split_block})
+        (out / SHARD_MARKERS).mkdir(exist_ok=True)
+        write_json_atomic(state_file, {"content_key": self.key, "spec": self.spec.to_dict(), "prepared": True})
+
+    def marker(self, k: int) -> Path:
+        return self.out / SHARD_MARKERS / f"shard-{k:05d}.json"
+
+    # -- encoding -------------------------------------------------------------------------
+    def todo(self) -> list[int]:
+        mine = range(self.ranks.rank, len(self.bounds), self.ranks.world)
+        return [k for k in mine if not self.marker(k).is_file()]
+
+    def batches(self, shards: list[int]) -> list[list[int]]:
+        """Encoder batches: each inside one shard, cut from the shard's start (rank-independent)."""
+        out = []
+        for k in shards:
+            start, stop = self.bounds[k]
+            out += [list(range(b, min(b + self.batch_size, stop))) for b in range(start, stop, self.batch_size)]
+        return out
+
+    def encode(self, items: list[dict]) -> dict[str, np.ndarray]:
+        """Stored-dtype token arrays of the good items of one batch."""
+        views = torch.stack([it["views"] for it in items])            # (B, V, 3, S, S)
+        b, v = views.shape[:2]
+        if v != self.views:
+            raise CacheError(f"source {self.source.name!r} gave {v} views for image {items[0]['id']}, "
+                             f"but says num_views = {self.views}")
+        x = views.flatten(0, 1).to(self.device, non_blocking=True)    # (B*V, 3, S, S)
+        autocast = contextlib.nullcontext()
+        if self.spec.autocast is not None:
+            dt = torch.bfloat16 if self.spec.autocast == "bf16" else torch.float16
+            autocast = torch.autocast(self.device.type, dtype=dt)
+        with torch.inference_mode(), autocast:
+            tokens = self.encoder(x, split_block=self.spec.split_block)
+        out = {"features": to_stored(tokens.final.reshape(b, v, self.num_patches, self.dim), self.spec.dtype)}
+        if self.num_tokens is not None:
+            out["split_tokens"] = to_stored(tokens.split.reshape(b, v, self.num_tokens, self.dim), self.spec.dtype)
+        return out
+
+    def _stack(self, name: str, arrays: list[np.ndarray]) -> np.ndarray:
+        """Concatenate along rows; an empty (0, ...) array of the layout's shape when there is nothing."""
+        if arrays:
+            return np.concatenate(arrays)
+        spec = self.specs[name]
+        return np.zeros((0, *spec["shape"][1:]), spec["dtype"])
+
+    def shard_from(self, k: int, good: list[dict], parts: list[dict], skipped: list[dict]) -> Shard:
+        """The finished shard k from its good items, their encoded parts and its skipped images."""
+        start, stop = self.bounds[k]
+        shard = Shard(k, start, stop, np.array([it["index"] for it in good], np.int64),
+                      [str(it["id"]) for it in good], self._stack("features", [p["features"] for p in parts]),
+                      skipped=skipped,
+                      int_ids=bool(good) and all(isinstance(it["id"], (int, np.integer)) for it in good))
+        if self.num_tokens is not None:
+            shard.split_tokens = self._stack("split_tokens", [p["split_tokens"] for p in parts])
+        if self.spec.split == "val":
+            m = self.spec.mask_size
+            for name in MASK_NAMES:
+                arrays = []
+                for it in good:
+                    if tuple(it[name].shape) != (m, m):
+                        raise CacheError(f"source {self.source.name!r} gave a {tuple(it[name].shape)} {name} "
+                                         f"for image {it['id']}, expected ({m}, {m}) (--mask-size)")
+                    dtype = "uint8" if name == "ignore_mask" else self.spec.mask_dtype
+                    arrays.append(_mask_array(it[name], dtype, name, it["id"])[None])
+                setattr(shard, name, self._stack(name, arrays))
+            shard.jpeg = [it["jpeg"] for it in good]
+        return shard
+
+    def run(self, shards: list[int], result: BuildResult) -> None:
+        """Encode `shards` (in order) and hand each finished one to the writer thread."""
+        batches = self.batches(shards)
+        loader = DataLoader(_SourceItems(self.source, self.spec.split), batch_sampler=batches,
+                            num_workers=self.num_workers, collate_fn=_list_collate,
+                            pin_memory=self.device.type == "cuda")
+        total = sum(self.bounds[k][1] - self.bounds[k][0] for k in shards)
+        items = iter(loader)            # fork the decode workers before any thread of ours starts
+        writer = _WriterThread(self)
+        bar = _Progress(total, enabled=self.progress and self.ranks.rank == 0,
+                        label=f"rank 0/{self.ranks.world}" if self.ranks.world > 1 else "encoding")
+        pending = Counter(b[0] // self.spec.chunk_images for b in batches)    # batches left per shard
+        good, parts, skipped = [], [], []
+        try:
+            with bar:
+                for batch in items:
+                    writer.check()
+                    k = batch[0]["index"] // self.spec.chunk_images
+                    ok = [it for it in batch if "bad" not in it]
+                    bad = [it["bad"] for it in batch if "bad" in it]
+                    if ok:
+                        parts.append(self.encode(ok))
+                    good += ok
+                    skipped += bad
+                    result.images_built += len(ok)
+                    result.skipped += bad
+                    bar.advance(len(batch), len(bad))
+                    pending[k] -= 1
+                    if pending[k] == 0:
+                        writer.put(self.shard_from(k, good, parts, skipped))
+                        good, parts, skipped = [], [], []
+                writer.finish()
+        finally:
+            writer.stop()
+
+    # -- merging --------------------------------------------------------------------------
+    def merge(self) -> dict:
+        """Rank 0, after all ranks are done: the manifest from the shard markers."""
+        shards, skipped, int_ids = [], [], True
+        for k in range(len(self.bounds)):
+            if not self.marker(k).is_file():
+                raise CacheError(f"shard {k} of {self.out} was not built (a build process failed?): "
+                                 f"rerun the same command to finish it")
+            m = json.loads(self.marker(k).read_text())
+            shards.append({key: m[key] for key in ("index", "start", "stop", "images", "files")})
+            skipped += m["skipped"]
+            int_ids &= m["int_ids"] or m["images"] == 0
+        meta = ["zarr.json"] + [f"{n}/zarr.json" for n in self.specs] if self.spec.format == "zarr" else []
+        if self.spec.split_block is not None:
+            meta.append(TAIL_FILE)
+        spec, cfg = self.spec, self.spec.encoder
+        stored = sum(s["images"] for s in shards)
+        manifest = {
+            "schema_version": SCHEMA_VERSION, "complete": True, "spot_fast_version": __version__,
+            "content_key": self.key, "dataset": spec.dataset, "root": spec.root, "split": spec.split,
+            "source_options": spec.source_options, "format": spec.format,
+            "encoder": encoder_description(cfg), "weights": spec.weights_id, "random_init": spec.random_init,
+            "image_size": cfg.image_size, "patch_size": cfg.spec.patch_size,
+            "grid": [cfg.grid_size, cfg.grid_size], "num_patches": cfg.num_patches, "feature_dim": cfg.feature_dim,
+            "num_prefix_tokens": self.encoder.num_prefix_tokens,
+            "views": self.views, "views_spec": self.source.views_spec(),
+            "layers": {"final": f"output of block {cfg.spec.depth - 1}, no final norm, CLS/registers dropped",
+                       "split_block": spec.split_block,
+                       "split_tokens": None if spec.split_block is None else
+                       f"input of block {spec.split_block}, CLS/registers kept"},
+            "dtype": spec.dtype, "autocast": spec.autocast,
+            "stored_dtype": self.specs["features"]["dtype"] + (" (bfloat16 bits)" if spec.dtype == "bf16" else ""),
+            "mask_size": spec.mask_size if spec.split == "val" else None,
+            "mask_dtype": spec.mask_dtype if spec.split == "val" else None,
+            "chunk_images": spec.chunk_images, "compression": spec.compression,
+            "image_id_type": "int" if int_ids else "str",
+            "counts": {"source_images": self.num_rows, "images": stored, "skipped": len(skipped),
+                       "shards": len(shards)},
+            "skipped": sorted(skipped, key=lambda s: s["index"]),
+            "arrays": self.specs,
+            "files": {rel: sha256_file(self.out / rel) for rel in meta},
+            "shards": shards,
+        }
+        write_json_atomic(self.out / MANIFEST, manifest)
+        shutil.rmtree(self.out / SHARD_MARKERS, ignore_errors=True)
+        (self.out / BUILD_STATE).unlink(missing_ok=True)
+        return manifest
+
+
+def _save_tail(path: Path, state: dict[str, torch.Tensor], info: dict) -> None:
+    """The tail weights as safetensors. Metadata is ONE key: safetensors writes its metadata map in
+    hash order, which differs between processes when there are several keys (not byte-stable)."""
+    from safetensors.torch import save_file
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
+              metadata={"spot_fast": json.dumps(info, sort_keys=True)})
+    os.replace(tmp, path)
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Leftovers of a killed writer: our `*.tmp` files and zarr's `*.partial` chunk files."""
+    for dirpath, _, files in os.walk(out):
+        for name in files:
+            if name.endswith((".tmp", ".partial")):
+                os.unlink(os.path.join(dirpath, name))
+
+
+class _WriterThread:
+    """Writes finished shards (files, checksums, marker) in the background while encoding goes on."""
+
+    def __init__(self, builder: _Builder):
+        self.b = builder
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.written = 0
+        fail = os.environ.get(FAIL_AFTER_ENV)
+        self.fail_after = int(fail) if fail else None
+        if builder.spec.format == "zarr":
+            self.store = zarr_store.ZarrStore(builder.out, builder.specs, mode="r+")
+        self.thread = threading.Thread(target=self._loop, name="cache-writer", daemon=True)
+        self.thread.start()
+
+    def _on_file(self, rel: str) -> None:
+        if self.fail_after is not None and self.written >= self.fail_after:
+            os._exit(75)   # test hook: die like a SIGKILL, with this shard half-written
+
+    def _write(self, shard: Shard) -> None:
+        b = self.b
+        if b.spec.format == "zarr":
+            files = self.store.write(shard, on_file=self._on_file)
+        else:
+            files = wds_store.write_shard(b.out, shard, on_file=self._on_file)
+        marker = {"index": shard.index, "start": shard.start, "stop": shard.stop, "images": len(shard),
+                  "files": {rel: sha256_file(b.out / rel) for rel in files},
+                  "skipped": shard.skipped, "int_ids": shard.int_ids}
+        write_json_atomic(b.marker(shard.index), marker)
+        self.written += 1
+
+    def _loop(self) -> None:
+        while True:
+            shard = self.queue.get()
+            if shard is None:
+                return
+            if self.error is None:
+                try:
+                    self._write(shard)
+                except BaseException as e:  # re-raised in the main thread by check()
+                    self.error = e
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, shard: Shard) -> None:
+        self.check()
+        self.queue.put(shard)
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self.check()
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+
+
+class _Progress:
+    """A rich progress bar with images/s, ETA and the skipped count (rank 0 only)."""
+
+    def __init__(self, total: int, enabled: bool, label: str):
+        self.enabled, self.total, self.label = enabled, total, label
+        self.skipped, self.done, self.t0 = 0, 0, time.perf_counter()
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]:.1f} img/s"), TextColumn("ETA"),
+                                TimeRemainingColumn(), TimeElapsedColumn(),
+                                TextColumn("skipped {task.fields[skipped]}"))
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=self.total, rate=0.0, skipped=0)
+        return self
+
+    def advance(self, n: int, skipped: int) -> None:
+        self.done += n
+        self.skipped += skipped
+        if self.enabled:
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(self.task, advance=n, rate=rate, skipped=self.skipped)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.stop()
+
+
+def find_cached(spec: CacheSpec, out: str | os.PathLike | None = None) -> Path | None:
+    """The path of the finished cache for `spec` (at `out` or the default place), else None.
+
+    Raises CacheError when `out` holds a finished cache of different content."""
+    path = Path(out) if out is not None else spec.default_path()
+    if not (path / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(path)
+    if manifest["content_key"] != spec.key():
+        raise CacheError(f"--out {path} already holds a different cache ({manifest['dataset']} "
+                         f"{manifest['split']}, encoder {manifest['encoder']['name']}, {manifest['weights'][:19]}): "
+                         f"pass another --out or delete it")
+    return path
+
+
+def build_cache(source: Source, encoder: FrozenEncoder, spec: CacheSpec, out: str | os.PathLike | None = None, *,
+                batch_size: int = 32, num_workers: int = 0, device: str | torch.device | None = None,
+                progress: bool = True) -> BuildResult:
+    """Encode every image of `source` with `encoder` and store the tokens as `spec` says.
+
+    out: the cache directory (default `spec.default_path()`). Returns at once with
+    `already_cached=True` when a finished cache of the same content is there. Under torchrun
+    (WORLD_SIZE > 1) every rank calls this; the shards are split between them.
+    """
+    t0 = time.perf_counter()
+    out = Path(out) if out is not None else spec.default_path()
+    if encoder.weights_id != spec.weights_id:
+        raise CacheError(f"encoder weights {encoder.weights_id} differ from the spec's {spec.weights_id}")
+    if encoder_description(encoder.cfg) != encoder_description(spec.encoder):
+        raise CacheError(f"encoder {encoder_description(encoder.cfg)} differs from the spec's "
+                         f"{encoder_description(spec.encoder)}")
+    if source.split != spec.split:
+        raise CacheError(f"source split {source.split!r} differs from the spec's {spec.split!r}")
+    if len(source) == 0:
+        raise CacheError(f"dataset {spec.dataset} split {spec.split} at {spec.root} has no images")
+    if find_cached(spec, out) is not None:
+        return BuildResult(out, read_manifest(out), already_cached=True)
+    device = torch.device(device) if device is not None else default_device()
+    ranks = ranks_from_env(device)
+    try:
+        encoder = encoder.to(device)
+        builder = _Builder(source, encoder, spec, out, ranks, device, batch_size, num_workers, progress)
+        if ranks.rank == 0:
+            builder.prepare()
+        ranks.barrier()
+        result = BuildResult(out, None)
+        todo = builder.todo()
+        result.shards_resumed = len(range(ranks.rank, len(builder.bounds), ranks.world)) - len(todo)
+        try:
+            builder.run(todo, result)
+        except BaseException:
+            if ranks.world == 1:
+                _remove_temporaries(out)
+            raise
+        ranks.barrier()
+        if ranks.rank == 0:
+            result.manifest = builder.merge()
+        ranks.barrier()
+    finally:
+        ranks.close()
+    result.seconds = time.perf_counter() - t0
+    return result
