@@ -68,7 +68,7 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
 
@@ -94,7 +94,7 @@ def find_local_weights(cfg: EncoderConfig) -> Path | None:
 
 def missing_weights_message(cfg: EncoderConfig) -> str:
     spec = cfg.spec
-    where = [f"pass --weights FILE (a .pth/.safetensors in DINO's original or timm's naming)"]
+    where = ["pass --weights FILE (a .pth/.safetensors in DINO's original or timm's naming)"]
     if spec.hf_repo:
         where.append(f"put timm's file in the Hugging Face cache as repo {spec.hf_repo} "
                      f"(e.g. `huggingface-cli download {spec.hf_repo}` on a machine with internet)")

@@ -56,7 +56,7 @@ class SlotAttention(nn.Module):
     def forward(self, features: torch.Tensor, noise: torch.Tensor | None = None) -> SlotAttentionOutput:
         """features: (B, N, D) -> slots and the last iteration's attention."""
         B, N, _ = features.shape
-        H, K, S = self.cfg.num_heads, self.cfg.num_slots, self.cfg.slot_size
+        H, S = self.cfg.num_heads, self.cfg.slot_size
         x = self.feature_mlp(self.feature_norm(features))
         init = self.initial_slots(B, noise)
         x = self.norm_inputs(x)

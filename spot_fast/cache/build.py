@@ -36,7 +36,7 @@ from spot_fast import __version__
 from spot_fast.cache import wds_store, zarr_store
 from spot_fast.cache.layout import MASK_NAMES, Shard, array_specs, shard_bounds
 from spot_fast.cache.manifest import (BUILD_STATE, MANIFEST, MASK_DTYPES, SCHEMA_VERSION, SHARD_MARKERS,
-                                      TAIL_FILE, CacheError, read_manifest, sha256_file, to_stored,
+                                      TAIL_FILE, CacheError, read_manifest, to_stored,
                                       write_json_atomic)
 from spot_fast.cache.paths import CacheSpec, encoder_description
 from spot_fast.data.base import BadImage, Source
@@ -344,7 +344,7 @@ class _Builder:
                        "shards": len(shards)},
             "skipped": sorted(skipped, key=lambda s: s["index"]),
             "arrays": self.specs,
-            "files": {rel: sha256_file(self.out / rel) for rel in meta},
+            "files": {rel: file_sha256(self.out / rel) for rel in meta},
             "shards": shards,
         }
         write_json_atomic(self.out / MANIFEST, manifest)
@@ -397,7 +397,7 @@ class _WriterThread:
         else:
             files = wds_store.write_shard(b.out, shard, on_file=self._on_file)
         marker = {"index": shard.index, "start": shard.start, "stop": shard.stop, "images": len(shard),
-                  "files": {rel: sha256_file(b.out / rel) for rel in files},
+                  "files": {rel: file_sha256(b.out / rel) for rel in files},
                   "skipped": shard.skipped, "int_ids": shard.int_ids}
         write_json_atomic(b.marker(shard.index), marker)
         self.written += 1

@@ -6,13 +6,14 @@ The manifest is deterministic (no timestamps): two builds of the same content ar
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from spot_fast.encoders import file_sha256
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -47,14 +48,6 @@ def from_stored(a: np.ndarray, dtype: str, out: torch.dtype | None = torch.float
     if (out is None or out == src.dtype) and not pin_memory:
         return src
     return torch.empty(src.shape, dtype=out or src.dtype, pin_memory=pin_memory).copy_(src)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -111,6 +104,6 @@ def verify(path: str | os.PathLike) -> list[str]:
         file = path / rel
         if not file.is_file():
             problems.append(f"{owner}: {rel} is missing")
-        elif sha256_file(file) != sha:
+        elif file_sha256(file) != sha:
             problems.append(f"{owner}: {rel} has a wrong sha256 (corrupt or modified)")
     return problems
