@@ -49,8 +49,13 @@ def triton_available(device: torch.device) -> bool:
 
 
 def slot_attention_step(k, q, v, return_attn: bool = False, use_kernel: bool = True):
-    """The fused kernel where it can run, else the reference; same signature and results."""
+    """The fused kernel where it can run, else the reference; same signature and results.
+
+    The kernel runs for CUDA tensors when Triton imports, SPOT_FAST_NO_TRITON is unset (or "0"),
+    `use_kernel` is true and the sizes are within its limits (`slot_attention_triton.supported`).
+    """
     if use_kernel and triton_available(k.device):
-        from spot_fast.kernels.slot_attention_triton import slot_attention_step_triton
-        return slot_attention_step_triton(k, q, v, return_attn=return_attn)
+        from spot_fast.kernels import slot_attention_triton as fused
+        if fused.supported(k, q, v):
+            return fused.slot_attention_step_triton(k, q, v, return_attn=return_attn)
     return slot_attention_step_ref(k, q, v, return_attn=return_attn)

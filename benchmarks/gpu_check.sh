@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One pass on a GPU machine (about 8 minutes on one H100): the fused slot-attention kernel's tests on
+# CUDA, then its benchmark (and the cache benchmark, if present). Run from anywhere:
+#     bash benchmarks/gpu_check.sh
+# JSON results go to $OUT when it is set (the device tool collects that folder), else to
+# benchmarks/results/; with $OUT set the whole log is also written to $OUT/gpu_check.log.
+# Each step has its own timeout, and a failed step does not stop the later ones.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    exec > >(tee "$OUT/gpu_check.log") 2>&1
+fi
+export PYTHONUNBUFFERED=1
+# Triton reads TRITON_INTERPRET as a boolean: "0" is off (tests/conftest.py only sets it if unset).
+export TRITON_INTERPRET=0
+set -x
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+$PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "gpu", torch.cuda.get_device_name(0))' || exit 1
+
+# spot-fast itself: an editable install without fetching anything; if pip cannot, links inside this
+# (throwaway) checkout, since the package maps kernels/ and cli/ into spot_fast/ and the repo root
+# comes first on sys.path for `python -m`.
+if ! $PY -c 'import spot_fast.kernels.slot_attention' 2>/dev/null; then
+    $PY -m pip install -q -e . --no-deps --no-build-isolation \
+    || { [ -e spot_fast/kernels ] || ln -s ../kernels spot_fast/kernels; \
+         [ -e spot_fast/cli ] || ln -s ../cli spot_fast/cli; }
+fi
+$PY -c 'import spot_fast.kernels.slot_attention_triton as m; print("kernel module", m.__file__)' || exit 1
+$PY -c 'import pytest' || echo "pytest missing: the test steps below will fail"
+
+# GPU-marked tests first (bf16 on tensor cores, autotuning at benchmark shapes, CUDA graphs,
+# inductor), then the rest of the file, which runs on CUDA too now that the interpreter is off.
+timeout 300 $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_kernel_slot_attention.py
+timeout 300 $PY -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_kernel_slot_attention.py
+
+# The benchmark: fp32 (SPOT trains in fp32) at the three shapes plus the whole loop; it saves JSON
+# after the step table, so a timeout in the loop part still leaves the step figures.
+timeout 300 $PY benchmarks/bench_slot_attention.py --save
+timeout 120 $PY benchmarks/bench_slot_attention.py --dtype bf16 --shapes coco --no-loop --save
+
+if [ -f benchmarks/bench_cache.py ]; then
+    timeout 120 $PY benchmarks/bench_cache.py --save
+    if [ -n "${OUT:-}" ]; then cp benchmarks/results/bench_cache-*.json "$OUT"/ 2>/dev/null; fi
+fi
+set +x
+echo "gpu_check done"
