@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import platform
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from spot_fast.benchinfo import save_result, versions
 from spot_fast.cache import CacheSpec, build_cache, open_cache
 from spot_fast.cache.zarr_store import chunk_file
 from spot_fast.config import EncoderConfig
@@ -141,30 +139,6 @@ def time_jpeg(jpegs: list[bytes]) -> float:
     return time.perf_counter() - t0
 
 
-def hardware() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores_usable": len(os.sched_getaffinity(0)), "ram_gib": round(mem, 1),
-            "platform": platform.platform(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def versions() -> dict:
-    import webdataset
-    import zarr
-
-    import spot_fast
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "zarr": zarr.__version__, "webdataset": getattr(webdataset, "__version__", "?"),
-            "pillow": Image.__version__, "spot_fast": spot_fast.__version__}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=1000, help="images in the synthetic cache")
@@ -224,14 +198,10 @@ def main() -> None:
 
     report(args, results, feat_bytes, view_bytes, modes)
     if args.save:
-        out = Path(__file__).parent / "results"
-        out.mkdir(exist_ok=True)
-        now = datetime.now(timezone.utc)
-        path = out / f"bench_cache-{now:%Y%m%dT%H%M%SZ}.json"
-        path.write_text(json.dumps({"benchmark": "bench_cache", "date": now.isoformat(), "hardware": hardware(),
-                                    "versions": versions(), "args": {k: str(v) for k, v in vars(args).items()},
-                                    "bytes": {"features_on_disk": feat_bytes, "one_view": view_bytes},
-                                    "results": results}, indent=1))
+        path = save_result("bench_cache", {
+            "versions": versions("numpy", "zarr", "webdataset", "PIL"),
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "bytes": {"features_on_disk": feat_bytes, "one_view": view_bytes}, "results": results})
         print(f"saved {path}")
 
 

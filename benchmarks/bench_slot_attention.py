@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from spot_fast.benchinfo import hardware, result_path, save_result, versions
 from spot_fast.kernels.slot_attention import slot_attention_step_ref
 
 ITERATIONS = 3
@@ -236,40 +232,6 @@ def print_step_row(row):
     print(line + " " + " ".join(f"{gb[c]:12.0f}" for c in cols))
 
 
-def hardware() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = None
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        gpu = {"name": p.name, "sms": p.multi_processor_count, "memory_gib": round(p.total_memory / 2**30, 1),
-               "capability": f"{p.major}.{p.minor}"}
-    return {"cpu": cpu, "cores_usable": len(os.sched_getaffinity(0)), "platform": platform.platform(), "gpu": gpu}
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    try:
-        import triton
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    import spot_fast
-    out["spot_fast"] = getattr(spot_fast, "__version__", "?")
-    return out
-
-
-def save(payload: dict) -> Path:
-    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench_slot_attention-{payload['date'][:19].replace(':', '').replace('-', '')}.json"
-    path.write_text(json.dumps(payload, indent=1))
-    return path
-
-
 # ---- CPU fallback ----------------------------------------------------------------------------
 
 def cpu_run(dtype) -> dict:
@@ -308,9 +270,9 @@ def main() -> None:
     ap.add_argument("--save", action="store_true", help="write JSON to $OUT or benchmarks/results/")
     args = ap.parse_args()
     dtype = DTYPES[args.dtype]
-    payload = {"benchmark": "bench_slot_attention", "date": datetime.now(timezone.utc).isoformat(),
-               "hardware": hardware(), "versions": versions(), "args": vars(args), "iterations": ITERATIONS,
+    payload = {"hardware": hardware(), "versions": versions(), "args": vars(args), "iterations": ITERATIONS,
                "shapes": {n: asdict(SHAPES[n]) for n in args.shapes}}
+    path = result_path("bench_slot_attention") if args.save else None
 
     if not torch.cuda.is_available():
         payload["cpu"] = cpu_run(dtype)
@@ -326,12 +288,12 @@ def main() -> None:
                 ok = ms["eager"] / ms["triton"] >= 2 and ms["compile"] / ms["triton"] >= 1.3
                 print(f"target (fwd+bwd >= 2x eager, >= 1.3x compile) at {row['shape']}: {'met' if ok else 'NOT met'}")
         if args.save:
-            save(payload)                                    # partial results survive a later failure
+            save_result("bench_slot_attention", payload, path)   # partial results survive a later failure
         if not args.no_loop:
             print(f"\nWhole loop, forward+backward, shape {args.loop_shape} {asdict(SHAPES[args.loop_shape])}:")
             payload["loop"] = bench_loop(args.loop_shape, dtype, not args.no_compile)
     if args.save:
-        print(f"saved {save(payload)}")
+        print(f"saved {save_result('bench_slot_attention', payload, path)}")
 
 
 if __name__ == "__main__":
