@@ -18,6 +18,7 @@ class EncoderSpec:
     depth: int
     num_heads: int
     num_registers: int = 0     # register tokens after CLS (DINOv2-reg)
+    mlp_ratio: float = 4.0     # block MLP width / embed_dim (custom encoders)
     hf_repo: str | None = None  # Hugging Face repo holding timm weights (looked up in the local cache only)
     torch_hub_file: str | None = None  # file name of the original release in ~/.cache/torch/hub/checkpoints
 
@@ -60,11 +61,13 @@ class EncoderConfig:
     embed_dim: int = 768
     depth: int = 12
     num_heads: int = 12
+    mlp_ratio: float = 4.0
 
     @property
     def spec(self) -> EncoderSpec:
         if self.name == "custom":
-            return EncoderSpec(None, self.patch_size, self.embed_dim, self.depth, self.num_heads)
+            return EncoderSpec(None, self.patch_size, self.embed_dim, self.depth, self.num_heads,
+                               mlp_ratio=self.mlp_ratio)
         if self.name not in ENCODERS:
             raise ValueError(f"unknown encoder {self.name!r}: choose one of {sorted(ENCODERS)} or 'custom'")
         return ENCODERS[self.name]

@@ -34,7 +34,7 @@ def build_vit(cfg: EncoderConfig) -> nn.Module:
     if spec.timm_name is None:
         model = VisionTransformer(img_size=cfg.image_size, patch_size=spec.patch_size,
                                   embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
-                                  mlp_ratio=4.0, qkv_bias=True, num_classes=0,
+                                  mlp_ratio=spec.mlp_ratio, qkv_bias=True, num_classes=0,
                                   norm_layer=partial(nn.LayerNorm, eps=1e-6))
     else:
         model = create_model(spec.timm_name, pretrained=False, img_size=cfg.image_size, num_classes=0)

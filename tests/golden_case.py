@@ -29,7 +29,7 @@ def golden_files() -> list[str]:
 def base_config(g: dict) -> SPOTConfig:
     c = json.loads(g["config"])
     enc = EncoderConfig(name="custom", image_size=c["img"], patch_size=c["patch"], embed_dim=c["embed"],
-                        depth=c["depth"], num_heads=c["vit_heads"],
+                        depth=c["depth"], num_heads=c["vit_heads"], mlp_ratio=c.get("mlp_ratio", 4.0),
                         split_block=int(g.get("split_block", c.get("finetune_after", 0))))
     sa = SlotAttentionConfig(num_slots=c["slots"], slot_size=c["slot_size"], mlp_hidden=c["mlp_hidden"],
                              num_iterations=c["iters"], num_heads=c.get("sa_heads", 1))

@@ -30,7 +30,7 @@ def encoder_description(cfg: EncoderConfig) -> dict:
     spec = cfg.spec
     return {"name": cfg.name, "timm_name": spec.timm_name, "image_size": cfg.image_size,
             "patch_size": spec.patch_size, "embed_dim": spec.embed_dim, "depth": spec.depth,
-            "num_heads": spec.num_heads, "num_registers": spec.num_registers}
+            "num_heads": spec.num_heads, "num_registers": spec.num_registers, "mlp_ratio": spec.mlp_ratio}
 
 
 @dataclass
