@@ -28,7 +28,7 @@ from pycocotools.coco import COCO
 
 from spot_fast.data.base import BadImage, DatasetError, ValSample
 from spot_fast.data.sources import check_sizes, require_file, resolve_split
-from spot_fast.data.transforms import (center_flip_rule, encode_jpeg, flip_pair, load_rgb,
+from spot_fast.data.transforms import (center_flip_spec, encode_jpeg, flip_pair, load_rgb,
                                        mask_resize_center_crop, resize_center_crop, to_input)
 
 # COCO category id of each of the reference's 81 classes (index 0 = background).
@@ -118,9 +118,7 @@ class CocoSource:
         return 2
 
     def views_spec(self) -> dict:
-        return {"source": self.name, "split": self.split, "image_size": self.image_size,
-                "num_views": self.num_views, "views": ["original", "hflip"],
-                "rule": center_flip_rule(self.image_size)}
+        return center_flip_spec(self.name, self.split, self.image_size)
 
     def image_path(self, index: int) -> Path:
         return self.image_dir / self.coco.imgs[self.ids[index]]["file_name"]

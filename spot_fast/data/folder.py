@@ -12,7 +12,7 @@ import torch
 
 from spot_fast.data.base import DatasetError, ValSample
 from spot_fast.data.sources import check_sizes, require_dir, resolve_split
-from spot_fast.data.transforms import center_flip_rule, flip_pair, load_rgb, resize_center_crop
+from spot_fast.data.transforms import center_flip_spec, flip_pair, load_rgb, resize_center_crop
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -50,9 +50,7 @@ class FolderSource:
         return 2
 
     def views_spec(self) -> dict:
-        return {"source": self.name, "split": self.split, "image_size": self.image_size,
-                "num_views": 2, "views": ["original", "hflip"],
-                "rule": center_flip_rule(self.image_size)}
+        return center_flip_spec(self.name, self.split, self.image_size)
 
     def train_views(self, index: int) -> torch.Tensor:
         """(2, 3, S, S): the centre crop and its horizontal flip."""

@@ -120,10 +120,11 @@ def flip_pair(crop_img: Image.Image) -> torch.Tensor:
     return torch.stack([x, hflip(x)])
 
 
-def center_flip_rule(size: int) -> str:
-    """Words for the views made by `resize_center_crop` + `flip_pair` (recorded in views_spec)."""
-    return (f"resize shorter side to {size} (PIL bilinear), centre crop {size}, ImageNet "
-            "normalise; view 1 = view 0 flipped horizontally")
+def center_flip_spec(source: str, split: str, size: int) -> dict:
+    """The views_spec of sources whose views are `flip_pair(resize_center_crop(...))`."""
+    return {"source": source, "split": split, "image_size": size, "num_views": 2, "views": ["original", "hflip"],
+            "rule": f"resize shorter side to {size} (PIL bilinear), centre crop {size}, ImageNet "
+                    "normalise; view 1 = view 0 flipped horizontally"}
 
 
 def mask_resize_center_crop(mask: Image.Image, size: int) -> np.ndarray:
