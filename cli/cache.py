@@ -94,10 +94,10 @@ def _build(dataset: str, root: Path, split: str, out: Path | None, preset_name: 
            autocast: str | None, options: list[str], progress: bool) -> None:
     import torch
 
-    from spot_fast.cache import CacheError, CacheSpec, build_cache, find_cached, resolve_weights_id
+    from spot_fast.cache import CacheError, CacheSpec, build_cache, find_cached
     from spot_fast.cache.build import default_device, ranks_from_env
     from spot_fast.data.sources import open_source
-    from spot_fast.encoders import FrozenEncoder
+    from spot_fast.encoders import FrozenEncoder, resolve_weights
 
     if num_workers is None:
         num_workers = min(4, len(os.sched_getaffinity(0)))
@@ -105,7 +105,8 @@ def _build(dataset: str, root: Path, split: str, out: Path | None, preset_name: 
         raise CacheError(f"--split must be train, val or both, got {split!r}")
     splits = ["train", "val"] if split == "both" else [split]
     cfg = _encoder_config(preset_name, encoder, image_size)
-    weights_path, weights_id = resolve_weights_id(cfg, weights, random_init, seed)
+    resolved = resolve_weights(cfg, weights, random_init, seed)
+    weights_id = resolved[1]
     source_options = _parse_options(options)
     dev = torch.device(device) if device else default_device()
     ranks = ranks_from_env(dev)     # once for all splits; build_cache reuses the group
@@ -120,7 +121,7 @@ def _build(dataset: str, root: Path, split: str, out: Path | None, preset_name: 
                 continue
             source = open_source(dataset, root, name, image_size=cfg.image_size, mask_size=mask_size,
                                  **source_options)
-            model = FrozenEncoder.create(cfg, weights=weights_path, random_init=random_init, seed=seed)
+            model = FrozenEncoder.create(cfg, seed=seed, resolved=resolved)
             _say(f"caching {dataset} {name}: {len(source)} images, encoder {cfg.name} ({weights_id[:19]}) "
                  f"-> {path}")
             result = build_cache(source, model, spec, path, batch_size=batch_size, num_workers=num_workers,

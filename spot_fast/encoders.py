@@ -104,6 +104,20 @@ def missing_weights_message(cfg: EncoderConfig) -> str:
     return f"no weights found for encoder {cfg.name!r}: " + "; ".join(where)
 
 
+def resolve_weights(cfg: EncoderConfig, weights: str | os.PathLike | None = None, random_init: bool = False,
+                    seed: int = 0) -> tuple[Path | None, str]:
+    """(weights file or None for random init, weights id) without building the model: the id
+    (sha256 of the file, or "random-init:<seed>") names the weights in cache keys and manifests."""
+    if random_init:
+        return None, f"random-init:{seed}"
+    path = Path(weights) if weights is not None else find_local_weights(cfg)
+    if path is None:
+        raise WeightsNotFound(missing_weights_message(cfg))
+    if not path.is_file():
+        raise WeightsNotFound(f"--weights {path}: no such file")
+    return path, file_sha256(path)
+
+
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load DINO/DINOv2/MAE/timm-named weights, resampling the position embedding if needed."""
     from timm.models.vision_transformer import checkpoint_filter_fn
@@ -133,18 +147,18 @@ class FrozenEncoder(nn.Module):
 
     @classmethod
     def create(cls, cfg: EncoderConfig, weights: str | os.PathLike | None = None,
-               random_init: bool = False, seed: int = 0) -> "FrozenEncoder":
-        """Build from `weights`, else the local HF/torch-hub cache; `random_init` for tests only."""
-        if random_init:
+               random_init: bool = False, seed: int = 0,
+               resolved: tuple[Path | None, str] | None = None) -> "FrozenEncoder":
+        """Build from `weights`, else the local HF/torch-hub cache; `random_init` for tests only.
+        `resolved`: a `resolve_weights` result already at hand (saves hashing the file again)."""
+        path, weights_id = resolved or resolve_weights(cfg, weights, random_init, seed)
+        if path is None:
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
-                return cls(cfg, build_vit(cfg), f"random-init:{seed}")
-        path = Path(weights) if weights is not None else find_local_weights(cfg)
-        if path is None:
-            raise WeightsNotFound(missing_weights_message(cfg))
+                return cls(cfg, build_vit(cfg), weights_id)
         vit = build_vit(cfg)
         load_weights(vit, read_weights_file(path))
-        return cls(cfg, vit, file_sha256(path))
+        return cls(cfg, vit, weights_id)
 
     @property
     def num_prefix_tokens(self) -> int:

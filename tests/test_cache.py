@@ -341,8 +341,8 @@ def test_cli_already_cached_does_no_work(tmp_path):
 
 
 def test_cli_missing_weights_says_where_to_put_them(tmp_path, monkeypatch):
-    import spot_fast.cache.build as build
-    monkeypatch.setattr(build, "find_local_weights", lambda cfg: None)
+    import spot_fast.encoders as encoders
+    monkeypatch.setattr(encoders, "find_local_weights", lambda cfg: None)
     res = _cli("coco", "--root", tmp_path, "--encoder", "dino_vitb16")
     assert res.exit_code == 1 and "no weights found" in res.output and "--weights" in res.output
     assert "Traceback" not in res.output

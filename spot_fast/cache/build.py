@@ -40,23 +40,9 @@ from spot_fast.cache.manifest import (BUILD_STATE, MANIFEST, MASK_DTYPES, SCHEMA
                                       write_json_atomic)
 from spot_fast.cache.paths import CacheSpec, encoder_description
 from spot_fast.data.base import BadImage, Source
-from spot_fast.encoders import (FrozenEncoder, WeightsNotFound, file_sha256, find_local_weights,
-                                missing_weights_message)
+from spot_fast.encoders import FrozenEncoder, file_sha256
 
 FAIL_AFTER_ENV = "SPOT_FAST_CACHE_FAIL_AFTER"   # tests: die (os._exit) mid-way through shard N+1
-
-
-def resolve_weights_id(cfg, weights: str | os.PathLike | None, random_init: bool, seed: int = 0
-                       ) -> tuple[Path | None, str]:
-    """(weights file, weights id) without loading the model: the id is part of the cache key."""
-    if random_init:
-        return None, f"random-init:{seed}"
-    path = Path(weights) if weights is not None else find_local_weights(cfg)
-    if path is None:
-        raise WeightsNotFound(missing_weights_message(cfg))
-    if not path.is_file():
-        raise WeightsNotFound(f"--weights {path}: no such file")
-    return path, file_sha256(path)
 
 
 # ----------------------------------------------------------------------------- distributed
