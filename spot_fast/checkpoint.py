@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spot_fast.model import SPOT
+from spot_fast.model import SPOT, block_name, tail_name
 
 # (reference name, spot-fast name) templates; `{i}` is a block index. Tried in order.
 NAME_MAP: list[tuple[str, str]] = [
@@ -63,6 +63,13 @@ def _rename(key: str, table) -> str | None:
     return None
 
 
+def reference_name(name: str, split_block: int) -> str | None:
+    """The reference's name of spot-fast parameter `name` (None if it has none)."""
+    if name.startswith("encoder_tail."):
+        return "encoder." + block_name(name[len("encoder_tail."):], split_block)
+    return _rename(name, _BACKWARD)
+
+
 @dataclass
 class LoadReport:
     loaded: list[str] = field(default_factory=list)
@@ -93,9 +100,9 @@ def load_reference(model: SPOT, ckpt) -> LoadReport:
             report.ignored.append(key)
             continue
         if key.startswith("encoder."):
-            parts = key.split(".")
-            if model.encoder_tail is not None and parts[1] == "blocks" and int(parts[2]) >= split:
-                ours[f"encoder_tail.{int(parts[2]) - split}." + ".".join(parts[3:])] = value
+            tail = tail_name(key[len("encoder."):], split) if model.encoder_tail is not None else None
+            if tail is not None:
+                ours[f"encoder_tail.{tail}"] = value
             else:
                 report.ignored.append(key)        # the frozen part of the encoder: lives in the cache
             continue
@@ -169,10 +176,8 @@ def export_reference(model: SPOT, frozen_encoder: dict[str, torch.Tensor] | None
     if frozen_encoder is not None:
         student = dict(frozen_encoder)
         if model.encoder_tail is not None:
-            b = cfg.encoder.split_block
             for name, value in model.encoder_tail.state_dict().items():
-                i, rest = name.split(".", 1)
-                student[f"blocks.{int(i) + b}.{rest}"] = value.detach().clone()
+                student[block_name(name, cfg.encoder.split_block)] = value.detach().clone()
         out.update({f"encoder.{k}": v for k, v in student.items()})
         if cfg.stage == 2:
             out.update({f"second_encoder.{k}": v.clone() for k, v in frozen_encoder.items()})

@@ -18,6 +18,21 @@ from spot_fast.encoders import build_tail
 from spot_fast.slot_attention import SlotAttention
 
 
+def tail_name(block_name: str, split_block: int) -> str | None:
+    """The encoder's timm name `blocks.{i}.<rest>` (i >= split_block) -> the stage-2 tail's
+    `{i - split_block}.<rest>`; None for every other encoder parameter."""
+    parts = block_name.split(".", 2)
+    if parts[0] != "blocks" or len(parts) < 3 or int(parts[1]) < split_block:
+        return None
+    return f"{int(parts[1]) - split_block}.{parts[2]}"
+
+
+def block_name(tail_name: str, split_block: int) -> str:
+    """The inverse of `tail_name`: `{j}.<rest>` -> `blocks.{j + split_block}.<rest>`."""
+    j, rest = tail_name.split(".", 1)
+    return f"blocks.{int(j) + split_block}.{rest}"
+
+
 @dataclass
 class SPOTOutput:
     loss: torch.Tensor       # () reconstruction MSE, sum((target - recon)^2) / (B * N * D)
@@ -55,8 +70,7 @@ class SPOT(nn.Module):
     def load_tail(self, frozen_state: dict[str, torch.Tensor]) -> None:
         """Initialise the stage-2 tail from the frozen encoder's `blocks.{i}.*` (timm names)."""
         b = self.cfg.encoder.split_block
-        state = {f"{int(k.split('.')[1]) - b}.{k.split('.', 2)[2]}": v for k, v in frozen_state.items()
-                 if k.startswith("blocks.") and int(k.split(".")[1]) >= b}
+        state = {name: v for k, v in frozen_state.items() if (name := tail_name(k, b)) is not None}
         self.encoder_tail.load_state_dict(state)
 
     def order_ids(self, batch: int, orders=None, generator: torch.Generator | None = None) -> torch.Tensor:

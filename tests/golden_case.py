@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from spot_fast.checkpoint import _BACKWARD, _rename
+from spot_fast.checkpoint import reference_name
 from spot_fast.config import DecoderConfig, EncoderConfig, OptimConfig, SlotAttentionConfig, SPOTConfig
 
 from conftest import GOLDEN_PATH
@@ -65,11 +65,7 @@ def reference_grads(model: torch.nn.Module, split_block: int) -> dict[str, torch
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        if name.startswith("encoder_tail."):
-            i, rest = name[len("encoder_tail."):].split(".", 1)
-            key = f"encoder.blocks.{int(i) + split_block}.{rest}"
-        else:
-            key = _rename(name, _BACKWARD)
+        key = reference_name(name, split_block)
         grad = p.grad
         if key == "bos_tokens":
             grad = grad.reshape(grad.shape[0], 1, 1, -1)
