@@ -1,6 +1,6 @@
 """Builds across processes: a killed build resumes to the same bytes; 2 ranks build what 1 rank builds.
 
-The builds run `tests/test_cache_fakes.py` in subprocesses (single-threaded torch, so every
+The builds run `tests/cache_fakes.py` in subprocesses (single-threaded torch, so every
 process computes bit-identical GEMMs) and are compared file by file with an in-process build.
 """
 from __future__ import annotations
@@ -16,12 +16,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_cache_fakes import build_tiny  # noqa: E402
+from cache_fakes import build_tiny  # noqa: E402
 
 from spot_fast.cache import CacheError, open_cache, verify  # noqa: E402
 from spot_fast.cache.build import FAIL_AFTER_ENV  # noqa: E402
 
-SCRIPT = Path(__file__).parent / "test_cache_fakes.py"
+SCRIPT = Path(__file__).parent / "cache_fakes.py"
 
 
 def run_build(args: dict, env: dict | None = None, wait: bool = True):

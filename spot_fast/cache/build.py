@@ -21,6 +21,7 @@ import json
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
 from collections import Counter
@@ -35,9 +36,10 @@ from torch.utils.data import DataLoader, Dataset
 from spot_fast import __version__
 from spot_fast.cache import wds_store, zarr_store
 from spot_fast.cache.layout import MASK_NAMES, Shard, array_specs, shard_bounds
+from spot_fast.cache.checks import fast_hash
 from spot_fast.cache.manifest import (BUILD_STATE, MANIFEST, MASK_DTYPES, SCHEMA_VERSION, SHARD_MARKERS,
-                                      TAIL_FILE, CacheError, read_manifest, to_stored,
-                                      write_json_atomic)
+                                      TAIL_FILE, CacheError, read_manifest, shard_owner,
+                                      to_stored, write_json_atomic, write_manifest)
 from spot_fast.cache.paths import CacheSpec, encoder_description
 from spot_fast.data.base import BadImage, Source
 from spot_fast.encoders import FrozenEncoder, file_sha256
@@ -49,18 +51,52 @@ FAIL_AFTER_ENV = "SPOT_FAST_CACHE_FAIL_AFTER"   # tests: die (os._exit) mid-way 
 
 @dataclass
 class Ranks:
-    """This process's place among the build processes (torchrun's RANK / WORLD_SIZE)."""
+    """This process's place among the build processes (torchrun's RANK / WORLD_SIZE).
+
+    A failing rank must stop the others, not leave them at a barrier: it writes its error to
+    `.build-errors/rank-R.txt` (the others poll that folder between batches and stop) and every
+    rank meets at `sync`, an all-reduce of an error flag, instead of a bare barrier."""
     rank: int = 0
     world: int = 1
     owns_group: bool = False    # we initialised torch.distributed and must tear it down
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))   # of the flag (nccl: cuda)
 
-    def barrier(self) -> None:
+    def sync(self, out: Path, error: BaseException | None = None) -> None:
+        """Wait for every rank; raise `error`, or a CacheError when another rank failed."""
         if self.world > 1:
-            torch.distributed.barrier()
+            if error is not None:
+                self.report(out, error)
+            flag = torch.tensor([0 if error is None else 1], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if error is None and flag.item():
+                raise CacheError(self.failure(out) or "another build process failed: see its error above; "
+                                 "fix it and rerun the same command to resume")
+        if error is not None:
+            raise error
+
+    def report(self, out: Path, error: BaseException) -> None:
+        folder = out / ERRORS
+        with contextlib.suppress(OSError):
+            folder.mkdir(exist_ok=True)
+            (folder / f"rank-{self.rank}.txt").write_text(f"{type(error).__name__}: {error}")
+
+    def failure(self, out: Path) -> str | None:
+        """The error another rank reported, or None."""
+        folder = out / ERRORS
+        if self.world == 1 or not folder.is_dir():
+            return None
+        for file in sorted(folder.iterdir()):
+            if file.name != f"rank-{self.rank}.txt":
+                return (f"build process {file.stem} of {self.world} failed ({file.read_text().strip()}); "
+                        f"stopped this one too: fix it and rerun the same command to resume")
+        return None
 
     def close(self) -> None:
         if self.owns_group:
             torch.distributed.destroy_process_group()
+
+
+ERRORS = ".build-errors"     # one file per failed rank of a multi-rank build; cleared when a build starts
 
 
 def ranks_from_env(device: torch.device) -> Ranks:
@@ -70,13 +106,15 @@ def ranks_from_env(device: torch.device) -> Ranks:
         return Ranks()
     dist = torch.distributed
     if dist.is_initialized():
-        return Ranks(dist.get_rank(), dist.get_world_size())
+        nccl = dist.get_backend() == "nccl"
+        return Ranks(dist.get_rank(), dist.get_world_size(), device=device if nccl else torch.device("cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     # Long timeout: ranks wait at the final barrier while the slowest rank finishes its shards.
     dist.init_process_group(backend, timeout=timedelta(hours=48))
-    return Ranks(dist.get_rank(), dist.get_world_size(), owns_group=True)
+    return Ranks(dist.get_rank(), dist.get_world_size(), owns_group=True,
+                 device=device if backend == "nccl" else torch.device("cpu"))
 
 
 def default_device() -> torch.device:
@@ -133,6 +171,7 @@ class BuildResult:
     images_built: int = 0               # encoded by this process in this run
     skipped: list[dict] = field(default_factory=list)   # skipped by this process in this run
     shards_resumed: int = 0             # shards found finished from an earlier run
+    rebuilt: list[str] = field(default_factory=list)    # marked shards found damaged and rebuilt
     seconds: float = 0.0
 
 
@@ -177,6 +216,7 @@ class _Builder:
                              f"choose a new or empty directory")
         if state is not None and state.get("prepared"):
             _remove_temporaries(out)
+            shutil.rmtree(out / ERRORS, ignore_errors=True)
             return
         for child in out.iterdir():     # an interrupted preparation: start over
             shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -194,9 +234,43 @@ class _Builder:
         return self.out / SHARD_MARKERS / f"shard-{k:05d}.json"
 
     # -- encoding -------------------------------------------------------------------------
-    def todo(self) -> list[int]:
+    def build(self, result: BuildResult) -> None:
+        """Encode and write this rank's unfinished shards."""
         mine = range(self.ranks.rank, len(self.bounds), self.ranks.world)
-        return [k for k in mine if not self.marker(k).is_file()]
+        todo = self.todo(mine, result)
+        result.shards_resumed = len(mine) - len(todo)
+        try:
+            self.run(todo, result)
+        except BaseException:
+            if self.ranks.world == 1:
+                _remove_temporaries(self.out)
+            raise
+
+    def todo(self, mine: range, result: BuildResult) -> list[int]:
+        """This rank's shards without a marker, or whose marked files changed on disk since
+        (truncated by a machine crash, edited): those are rebuilt, and listed in `result.rebuilt`."""
+        out = []
+        for k in mine:
+            if self.marker(k).is_file():
+                problem = self.marked_problem(k)
+                if problem is None:
+                    continue
+                result.rebuilt.append(problem)
+                print(f"warning: {problem}: rebuilding it", file=sys.stderr)
+                self.marker(k).unlink()
+            out.append(k)
+        return out
+
+    def marked_problem(self, k: int) -> str | None:
+        """Why the files of marked shard k do not match their marker (size, then xxh3), or None."""
+        m = json.loads(self.marker(k).read_text())
+        for rel, fast in m["xxh3"].items():
+            file = self.out / rel
+            if not file.is_file():
+                return f"{shard_owner(m)} was marked done but {rel} is missing"
+            if file.stat().st_size != m["sizes"][rel] or fast_hash(file) != fast:
+                return f"{shard_owner(m)} was marked done but {rel} changed on disk (truncated?)"
+        return None
 
     def batches(self, shards: list[int]) -> list[list[int]]:
         """Encoder batches: each inside one shard, cut from the shard's start (rank-independent)."""
@@ -208,7 +282,10 @@ class _Builder:
 
     def encode(self, items: list[dict]) -> dict[str, np.ndarray]:
         """Stored-dtype token arrays of the good items of one batch."""
-        views = torch.stack([it["views"] for it in items])            # (B, V, 3, S, S)
+        first = items[0]["views"]
+        views = torch.empty((len(items), *first.shape), dtype=first.dtype,
+                            pin_memory=self.device.type == "cuda")     # pinned once, after stacking
+        torch.stack([it["views"] for it in items], out=views)            # (B, V, 3, S, S)
         b, v = views.shape[:2]
         if v != self.views:
             raise CacheError(f"source {self.source.name!r} gave {v} views for image {items[0]['id']}, "
@@ -220,10 +297,28 @@ class _Builder:
             autocast = torch.autocast(self.device.type, dtype=dt)
         with torch.inference_mode(), autocast:
             tokens = self.encoder(x, split_block=self.spec.split_block)
-        out = {"features": to_stored(tokens.final.reshape(b, v, self.num_patches, self.dim), self.spec.dtype)}
+        out = {"features": self.stored(tokens.final.reshape(b, v, self.num_patches, self.dim), items, "final")}
         if self.num_tokens is not None:
-            out["split_tokens"] = to_stored(tokens.split.reshape(b, v, self.num_tokens, self.dim), self.spec.dtype)
+            out["split_tokens"] = self.stored(tokens.split.reshape(b, v, self.num_tokens, self.dim), items,
+                                              f"split (input of block {self.spec.split_block})")
         return out
+
+    def stored(self, tokens: torch.Tensor, items: list[dict], layer: str) -> np.ndarray:
+        """(B, V, L, D) tokens in the stored dtype; CacheError naming the image and layer if any value is
+        not finite after the cast (NaN/inf from the encoder, or beyond fp16's range)."""
+        a = to_stored(tokens, self.spec.dtype)
+        finite = torch.isfinite(tokens).flatten(1).all(1).cpu()
+        if self.spec.dtype == "fp16":
+            finite &= torch.from_numpy(np.isfinite(a).reshape(len(a), -1).all(1))
+        if bool(finite.all()):
+            return a
+        i = int((~finite).nonzero()[0, 0])
+        src = "non-finite values (NaN/inf)" if not torch.isfinite(tokens[i]).all() else \
+            "values beyond fp16's range (|x| > 65504), inf once stored as fp16"
+        fix = "store with --dtype bf16 or fp32" if "fp16" in src else "check the encoder weights (--weights)"
+        raise CacheError(f"image {items[i]['id']} (row {items[i]['index']}) of dataset {self.spec.dataset}: "
+                         f"the encoder's {layer} tokens hold {src}; nothing is stored for it: {fix}, then "
+                         f"rerun the same command to resume")
 
     def _stack(self, name: str, arrays: list[np.ndarray]) -> np.ndarray:
         """Concatenate along rows; an empty (0, ...) array of the layout's shape when there is nothing."""
@@ -259,8 +354,7 @@ class _Builder:
         """Encode `shards` (in order) and hand each finished one to the writer thread."""
         batches = self.batches(shards)
         loader = DataLoader(_SourceItems(self.source, self.spec.split), batch_sampler=batches,
-                            num_workers=self.num_workers, collate_fn=_list_collate,
-                            pin_memory=self.device.type == "cuda")
+                            num_workers=self.num_workers, collate_fn=_list_collate)
         total = sum(self.bounds[k][1] - self.bounds[k][0] for k in shards)
         items = iter(loader)            # fork the decode workers before any thread of ours starts
         writer = _WriterThread(self)
@@ -272,6 +366,9 @@ class _Builder:
             with bar:
                 for batch in items:
                     writer.check()
+                    failed = self.ranks.failure(self.out)
+                    if failed:
+                        raise CacheError(failed)
                     k = batch[0]["index"] // self.spec.chunk_images
                     ok = [it for it in batch if "bad" not in it]
                     bad = [it["bad"] for it in batch if "bad" in it]
@@ -299,7 +396,7 @@ class _Builder:
                 raise CacheError(f"shard {k} of {self.out} was not built (a build process failed?): "
                                  f"rerun the same command to finish it")
             m = json.loads(self.marker(k).read_text())
-            shards.append({key: m[key] for key in ("index", "start", "stop", "images", "files")})
+            shards.append({key: m[key] for key in ("index", "start", "stop", "images", "files", "xxh3")})
             skipped += m["skipped"]
             int_ids &= m["int_ids"] or m["images"] == 0
         meta = ["zarr.json"] + [f"{n}/zarr.json" for n in self.specs] if self.spec.format == "zarr" else []
@@ -333,10 +430,20 @@ class _Builder:
             "files": {rel: file_sha256(self.out / rel) for rel in meta},
             "shards": shards,
         }
-        write_json_atomic(self.out / MANIFEST, manifest)
+        write_manifest(self.out, manifest)
         shutil.rmtree(self.out / SHARD_MARKERS, ignore_errors=True)
+        shutil.rmtree(self.out / ERRORS, ignore_errors=True)
         (self.out / BUILD_STATE).unlink(missing_ok=True)
         return manifest
+
+
+def _failure(step) -> BaseException | None:
+    """Run `step()`; the exception it raised (for `Ranks.sync` to share), or None."""
+    try:
+        step()
+    except BaseException as e:    # noqa: BLE001 -- handed to Ranks.sync, which re-raises it
+        return e
+    return None
 
 
 def _save_tail(path: Path, state: dict[str, torch.Tensor], info: dict) -> None:
@@ -347,6 +454,16 @@ def _save_tail(path: Path, state: dict[str, torch.Tensor], info: dict) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
               metadata={"spot_fast": json.dumps(info, sort_keys=True)})
     os.replace(tmp, path)
+
+
+def _fsync(out: Path, files: list[str]) -> None:
+    """Flush the files and the folders holding them (their renames) to the disk."""
+    for path in [out / rel for rel in files] + sorted({(out / rel).parent for rel in files}):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _remove_temporaries(out: Path) -> None:
@@ -382,8 +499,11 @@ class _WriterThread:
             files = self.store.write(shard, on_file=self._on_file)
         else:
             files = wds_store.write_shard(b.out, shard, on_file=self._on_file)
+        _fsync(b.out, files)          # on disk before the marker says so (a machine crash loses nothing marked)
         marker = {"index": shard.index, "start": shard.start, "stop": shard.stop, "images": len(shard),
                   "files": {rel: file_sha256(b.out / rel) for rel in files},
+                  "xxh3": {rel: fast_hash(b.out / rel) for rel in files},
+                  "sizes": {rel: (b.out / rel).stat().st_size for rel in files},
                   "skipped": shard.skipped, "int_ids": shard.int_ids}
         write_json_atomic(b.marker(shard.index), marker)
         self.written += 1
@@ -491,22 +611,13 @@ def build_cache(source: Source, encoder: FrozenEncoder, spec: CacheSpec, out: st
     try:
         encoder = encoder.to(device)
         builder = _Builder(source, encoder, spec, out, ranks, device, batch_size, num_workers, progress)
-        if ranks.rank == 0:
-            builder.prepare()
-        ranks.barrier()
+        ranks.sync(out, _failure(builder.prepare) if ranks.rank == 0 else None)
         result = BuildResult(out, None)
-        todo = builder.todo()
-        result.shards_resumed = len(range(ranks.rank, len(builder.bounds), ranks.world)) - len(todo)
-        try:
-            builder.run(todo, result)
-        except BaseException:
-            if ranks.world == 1:
-                _remove_temporaries(out)
-            raise
-        ranks.barrier()
-        if ranks.rank == 0:
+        ranks.sync(out, _failure(lambda: builder.build(result)))
+
+        def merge():
             result.manifest = builder.merge()
-        ranks.barrier()
+        ranks.sync(out, _failure(merge) if ranks.rank == 0 else None)
     finally:
         ranks.close()
     result.seconds = time.perf_counter() - t0

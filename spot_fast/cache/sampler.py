@@ -52,6 +52,11 @@ def dropped_samples(num_samples: int, batch_size: int, *, world_size: int = 1,
     return num_samples - (full * batch_size + tail) * world_size
 
 
+def sample_views(num_samples: int, num_views: int, *, seed: int, epoch: int) -> np.ndarray:
+    """(num_samples,) int64: the view each sample shows in this epoch."""
+    return np.random.default_rng([seed, epoch, 2]).integers(num_views, size=num_samples, dtype=np.int64)
+
+
 def epoch_batches(num_samples: int, batch_size: int, *, seed: int, epoch: int,
                   rank: int = 0, world_size: int = 1, drop_last: bool = False,
                   num_views: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -60,7 +65,7 @@ def epoch_batches(num_samples: int, batch_size: int, *, seed: int, epoch: int,
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
     perm = np.random.default_rng([seed, epoch, 1]).permutation(num_samples).astype(np.int64)
-    views = np.random.default_rng([seed, epoch, 2]).integers(num_views, size=num_samples, dtype=np.int64)
+    views = sample_views(num_samples, num_views, seed=seed, epoch=epoch)
     full, tail = _batch_sizes(num_samples, batch_size, world_size, drop_last)
     G = batch_size * world_size
     out = []

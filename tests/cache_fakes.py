@@ -1,8 +1,8 @@
 """A small in-memory `Source` for the cache tests, and a build entry point for subprocess tests.
 
-Not a test module by itself (it holds no tests); named test_cache_* so it sits with its tests.
+A helper, not a test module (it holds no tests).
 Run as a script to build a cache in a separate process (resume and multi-rank tests):
-    python tests/test_cache_fakes.py '{"out": "...", "n": 10, "format": "zarr", ...}'
+    python tests/cache_fakes.py '{"out": "...", "n": 10, "format": "zarr", ...}'
 """
 from __future__ import annotations
 
