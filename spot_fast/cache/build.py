@@ -297,10 +297,11 @@ class _Builder:
             autocast = torch.autocast(self.device.type, dtype=dt)
         with torch.inference_mode(), autocast:
             tokens = self.encoder(x, split_block=self.spec.split_block)
-        out = {"features": self.stored(tokens.final.reshape(b, v, self.num_patches, self.dim), items, "final")}
-        if self.num_tokens is not None:
+        out = {}
+        if self.num_tokens is not None:     # checked first: the earlier layer names where a NaN began
             out["split_tokens"] = self.stored(tokens.split.reshape(b, v, self.num_tokens, self.dim), items,
                                               f"split (input of block {self.spec.split_block})")
+        out["features"] = self.stored(tokens.final.reshape(b, v, self.num_patches, self.dim), items, "final")
         return out
 
     def stored(self, tokens: torch.Tensor, items: list[dict], layer: str) -> np.ndarray:

@@ -52,16 +52,20 @@ class MappedSlabs:
 
 
 class ZarrSlabs:
-    """Slabs of a compressed zarr array, read through the zarr API (whole chunks are decoded)."""
+    """Slabs of a compressed zarr array, read through the zarr API: each needed chunk decoded once per batch."""
 
-    def __init__(self, array, rows: np.ndarray, shape: tuple[int, int], stored: str):
-        self.array, self.rows, self.shape, self.stored = array, rows, shape, stored
+    def __init__(self, array, rows: np.ndarray, chunk: int, shape: tuple[int, int], stored: str):
+        self.array, self.rows, self.chunk, self.shape, self.stored = array, rows, chunk, shape, stored
 
     def slab(self, s: int, v: int) -> np.ndarray:
         return np.asarray(self.array[int(self.rows[s]), v])
 
     def fill(self, out: torch.Tensor, samples: np.ndarray, views: np.ndarray) -> None:
-        block = np.asarray(self.array.vindex[self.rows[samples], views])          # (b, L, D) stored dtype
+        rows, C = self.rows[samples], self.chunk
+        block = np.empty((len(samples), *self.shape), STORED_NUMPY[self.stored])      # (b, L, D)
+        for c in np.unique(rows // C).tolist():
+            m = rows // C == c
+            block[m] = np.asarray(self.array[c * C:(c + 1) * C])[rows[m] - c * C, views[m]]
         raw = _raw_numpy(out, self.stored)
         if raw is not None:
             np.copyto(raw[:len(samples)], block.view(raw.dtype))
@@ -91,7 +95,7 @@ def zarr_slabs(cache, name: str) -> MappedSlabs | ZarrSlabs:
     views, L, D = spec["shape"][1:]
     smp = cache.samples
     if cache.manifest["compression"] is not None:
-        return ZarrSlabs(cache.zarr.arrays[name], smp.rows, (L, D), cache.dtype)
+        return ZarrSlabs(cache.zarr.arrays[name], smp.rows, cache.manifest["chunk_images"], (L, D), cache.dtype)
     shards = [s["index"] for s in cache.shards if s["images"] > 0]
     maps = [cache.file_map(cache.shard_file(k, name)) for k in shards]
     where = np.searchsorted(np.array(shards), smp.shard)
