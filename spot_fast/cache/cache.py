@@ -11,6 +11,7 @@ first time this process reads it (checks.py).
 """
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -56,7 +57,8 @@ class Cache:
         self._int_ids = m["image_id_type"] == "int"
         self._zarr: ZarrStore | None = None
         self._tars: dict[int, dict] = {}         # shard -> tar member index (wds)
-        self._maps: dict[str, np.ndarray] = {}   # relative path -> memory map
+        self._maps: dict[str, mmap.mmap] = {}    # relative path -> memory map
+        self.ring_pool: dict[tuple, list] = {}   # free TrainReader batch buffers, reused across epochs
 
     @property
     def has_split_tokens(self) -> bool:
@@ -114,7 +116,7 @@ class Cache:
             self.check_shard(k, ("features",))
             members = self.tar_index(k)
             keys = sorted(members)
-            ids = [bytes(self.tar_map(k)[slice(*_span(members[key]["id.txt"]))]).decode() for key in keys]
+            ids = [self.tar_map(k)[slice(*_span(members[key]["id.txt"]))].decode() for key in keys]
             return np.array([int(x) for x in keys], np.int64), np.arange(len(keys)), np.array(ids, object)
         self.check_shard(k, ("valid", "image_id"))
         shard = self.zarr.read(k, s["start"], s["stop"], ())
@@ -125,13 +127,14 @@ class Cache:
             self._tars[k] = wds_store.index_tar(self.path / wds_store.shard_name(k))
         return self._tars[k]
 
-    def tar_map(self, k: int) -> np.ndarray:
-        """Shard k's tar as a read-only-on-disk uint8 memory map (copy-on-write, so torch can wrap it)."""
+    def tar_map(self, k: int) -> mmap.mmap:
         return self.file_map(wds_store.shard_name(k))
 
-    def file_map(self, rel: str) -> np.ndarray:
+    def file_map(self, rel: str) -> mmap.mmap:
+        """The file as a copy-on-write memory map: nothing reaches the disk, and numpy/torch may wrap it."""
         if rel not in self._maps:
-            self._maps[rel] = np.memmap(self.path / rel, dtype=np.uint8, mode="c")
+            with open(self.path / rel, "rb") as f:
+                self._maps[rel] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         return self._maps[rel]
 
     def image_id(self, raw: str):

@@ -54,6 +54,14 @@ def _cuda_batches(host: Iterator[dict], device: torch.device, dtype: torch.dtype
         copies.append(event)
         return out, event
 
+    try:
+        yield from _overlapped(host, send, copies, device)
+    finally:                                # host buffers may be reused once we return: copies done
+        for event in copies:
+            event.synchronize()
+
+
+def _overlapped(host: Iterator[dict], send, copies: deque, device: torch.device) -> Iterator[dict]:
     nxt = next(host, None)
     nxt = send(nxt) if nxt is not None else None
     while nxt is not None:

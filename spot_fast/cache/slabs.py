@@ -12,6 +12,7 @@ reads them through the zarr API (the reference the fast path is tested against).
 from __future__ import annotations
 
 import io
+import mmap
 
 import numpy as np
 import torch
@@ -22,9 +23,10 @@ from spot_fast.cache.manifest import CacheError, STORED_NUMPY
 class MappedSlabs:
     """Slabs of one token array as (memory map, byte offset of view 0) per sample."""
 
-    def __init__(self, maps: list[np.ndarray], file: np.ndarray, offset: np.ndarray,
+    def __init__(self, maps: list[mmap.mmap], file: np.ndarray, offset: np.ndarray,
                  shape: tuple[int, int], stored: str):
-        self.maps = maps                         # uint8 memory maps, one per file
+        self.mmaps = maps                        # memory maps, one per file (for madvise)
+        self.maps = [np.frombuffer(m, np.uint8) for m in maps]   # the same bytes as uint8 arrays
         self.file = file                         # (S,) which map holds sample s
         self.offset = offset                     # (S,) byte offset of sample s, view 0
         self.shape = shape                       # (L, D) of one slab
@@ -42,8 +44,13 @@ class MappedSlabs:
 
         Same dtype: a numpy byte copy (releases the GIL, so worker threads copy in parallel);
         otherwise torch's converting copy, still one pass."""
+        pairs = list(zip(samples.tolist(), views.tolist()))
+        for s, v in pairs:           # ask the kernel for every slab at once: cold reads then overlap
+            start = int(self.offset[s]) + v * self.nbytes
+            page = start - start % mmap.PAGESIZE
+            self.mmaps[self.file[s]].madvise(mmap.MADV_WILLNEED, page, start + self.nbytes - page)
         raw = _raw_numpy(out, self.stored)
-        for i, (s, v) in enumerate(zip(samples.tolist(), views.tolist())):
+        for i, (s, v) in enumerate(pairs):
             src = self.slab(s, v)
             if raw is not None:
                 np.copyto(raw[i], src.view(raw.dtype))

@@ -10,7 +10,8 @@ straight into a preallocated buffer (pinned when CUDA is available), `prefetch` 
 
 Buffer contract: the buffers form a ring of `prefetch + 2` batches, so a yielded batch stays
 intact while the consumer holds it and the one after it; it is overwritten when the consumer
-asks for the batch after that. `.clone()` a batch's tensors to keep them longer.
+asks for the batch after that, or by the next epoch's reader (rings are reused). `.clone()` a
+batch's tensors to keep them longer.
 """
 from __future__ import annotations
 
@@ -63,7 +64,6 @@ class TrainReader:
         self.num_samples = len(cache.samples)
         self._check_size()
         self.slabs = {n: (wds_slabs if cache.format == "wds" else zarr_slabs)(cache, n) for n in self.names}
-        self._ring: list[dict[str, torch.Tensor]] | None = None
         self._checked: set[int] = set()
 
     def _check_size(self) -> None:
@@ -92,15 +92,18 @@ class TrainReader:
         return epoch_batches(self.num_samples, self.batch_size, seed=self.seed, epoch=epoch, rank=self.rank,
                              world_size=self.world, drop_last=self.drop_last, num_views=self.cache.views)
 
-    def _buffers(self) -> list[dict[str, torch.Tensor]]:
-        """The ring: prefetch + 2 batch buffers, allocated (and touched) once per reader."""
-        if self._ring is None:
-            def buffer(name):
-                t = torch.empty((self.batch_size, *self.slabs[name].shape), dtype=self.out_dtype,
-                                pin_memory=self.pin)
-                return t.zero_()          # fault the pages in now, not during the first epoch
-            self._ring = [{n: buffer(n) for n in self.names} for _ in range(self.prefetch + 2)]
-        return self._ring
+    def _take_ring(self) -> list[dict[str, torch.Tensor]]:
+        """prefetch + 2 batch buffers: a free ring of the cache's pool (kept across epochs and
+        readers: allocating and faulting in ~100 MB each epoch would cost more than a batch), or new."""
+        key = (self.batch_size, self.names, self.out_dtype, self.pin, self.prefetch)
+        free = self.cache.ring_pool.setdefault(key, [])
+        if free:
+            return free.pop()
+
+        def buffer(name):
+            t = torch.empty((self.batch_size, *self.slabs[name].shape), dtype=self.out_dtype, pin_memory=self.pin)
+            return t.zero_()              # fault the pages in now, not during the first batches
+        return [{n: buffer(n) for n in self.names} for _ in range(self.prefetch + 2)]
 
     def _fill(self, buf: dict[str, torch.Tensor], samples: np.ndarray, views: np.ndarray) -> dict:
         """Batch (samples, views) copied into `buf`: the one host copy of the batch."""
@@ -123,7 +126,7 @@ class TrainReader:
 
     def _batches(self, epoch: int) -> Iterator[dict]:
         plan = self.plan(epoch)[self.start_step:]
-        ring = self._buffers()
+        ring = self._take_ring()
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="cache-read")
         pending: deque[Future] = deque()
         try:
@@ -137,6 +140,7 @@ class TrainReader:
                 yield batch
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            self.cache.ring_pool[(self.batch_size, self.names, self.out_dtype, self.pin, self.prefetch)].append(ring)
 
 
 def _positive(**values: int) -> None:
