@@ -196,3 +196,20 @@ def test_device_batches_on_cuda_equal_the_host_batches(caches):
             torch.testing.assert_close(b["features"][i].cpu(), want, rtol=0, atol=0)
         n += len(b["index"])
     assert n == 20
+
+
+def test_wds_stream_views_use_the_epoch_being_iterated(caches):
+    """Without a manifest, views are drawn per (seed, epoch, row): set_epoch after iter() must not leak in."""
+    from spot_fast.cache import WdsReader
+    cache = open_cache(caches["wds-7-3"], allow_random_init=True)
+
+    def reader():
+        return WdsReader(cache.shard_urls(), 2, seed=3, epoch=0, rank=0, world_size=1, num_views=2,
+                         drop_last=False, shuffle_buffer=1)
+
+    want = sorted((i, v) for b in reader() for i, v in zip(b["index"].tolist(), b["view"].tolist()))
+    r = reader()
+    it = iter(r)
+    r.set_epoch(5)
+    got = sorted((i, v) for b in it for i, v in zip(b["index"].tolist(), b["view"].tolist()))
+    assert got == want and {v for _, v in want} == {0, 1}
