@@ -209,8 +209,6 @@ def main() -> None:
         files = [work / "cache" / chunk_file("features", 4, s["index"]) for s in cache.shards]
         feat_bytes = sum(f.stat().st_size for f in files)
         view_bytes = args.images * args.tokens * args.dim * 2   # one fp16 view per image
-        row_shape = (args.views, args.tokens, args.dim)
-        shape_of = lambda f: (f.stat().st_size // (2 * int(np.prod(row_shape))), *row_shape)  # noqa: E731
 
         results = {"write": {"seconds": write_s, "img_s": args.images / write_s, "gb_s": feat_bytes / write_s / 1e9}}
         path = work / "cache"

@@ -15,19 +15,14 @@ import torch
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cache_fakes import FakeSource, build_tiny, fake_image, tiny_encoder, tiny_spec  # noqa: E402
+from cache_fakes import FakeSource, build_tiny, fake_image, one_thread, tiny_encoder, tiny_spec  # noqa: E402, F401 (one_thread: a fixture)
 
 from spot_fast.cache import CacheError, build_cache, open_cache, read_manifest  # noqa: E402
 from spot_fast.cache import TrainReader  # noqa: E402
 from spot_fast.config import EncoderConfig, preset  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

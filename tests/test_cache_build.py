@@ -11,19 +11,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cache_fakes import build_tiny  # noqa: E402
+from cache_fakes import build_tiny, one_thread  # noqa: E402, F401 (one_thread: a fixture)
 from test_cache_process import SCRIPT, _free_port, assert_same_tree, run_build  # noqa: E402
 
 from spot_fast.cache import CacheError, open_cache, verify  # noqa: E402
 from spot_fast.cache.build import FAIL_AFTER_ENV  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])

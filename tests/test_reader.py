@@ -15,7 +15,7 @@ import torch
 import zarr
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cache_fakes import build_tiny  # noqa: E402
+from cache_fakes import build_tiny, one_thread  # noqa: E402, F401 (one_thread: a fixture)
 
 from spot_fast.cache import CacheError, device_batches, epoch_batches, open_cache, verify  # noqa: E402
 from spot_fast.cache import wds_store  # noqa: E402
@@ -25,12 +25,7 @@ LAYOUTS = {"zarr-20-4": (20, 4, (), "zarr", None), "zarr-13-5-bad": (13, 5, (2, 
            "wds-7-3": (7, 3, (), "wds", None), "zstd-11-4": (11, 4, (1,), "zarr", "zstd")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
