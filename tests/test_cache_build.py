@@ -44,6 +44,7 @@ def test_fp16_overflow_is_refused_and_bf16_stores_it(tmp_path):
     assert torch.isfinite(batch["features"]).all() and batch["features"][2].abs().max() > 65504
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["zarr", "wds"])
 def test_truncated_shard_marked_done_is_rebuilt_on_resume(tmp_path, fmt):
     args = {"n": 14, "format": fmt, "split_block": 2}
@@ -62,6 +63,7 @@ def test_truncated_shard_marked_done_is_rebuilt_on_resume(tmp_path, fmt):
     assert_same_tree(out, build_tiny(tmp_path / "clean", **args).path)
 
 
+@pytest.mark.slow
 def test_failing_rank_stops_the_other_with_its_error(tmp_path):
     """Rank 1 meets a NaN image in its first shard; rank 0 must stop too (not wait at a barrier)."""
     args = {"n": 24, "chunk_images": 4, "scale": {5: float("nan")}, "out": str(tmp_path / "c")}

@@ -61,10 +61,11 @@ class Ranks:
     owns_group: bool = False    # we initialised torch.distributed and must tear it down
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))   # of the flag (nccl: cuda)
 
-    def sync(self, out: Path, error: BaseException | None = None) -> None:
-        """Wait for every rank; raise `error`, or a CacheError when another rank failed."""
+    def sync(self, out: Path, error: BaseException | None = None, share: bool = True) -> None:
+        """Wait for every rank; raise `error`, or a CacheError when another rank failed. `share`
+        writes the error where the other ranks read it (not before the folder is ours: prepare)."""
         if self.world > 1:
-            if error is not None:
+            if error is not None and share:
                 self.report(out, error)
             flag = torch.tensor([0 if error is None else 1], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -612,7 +613,7 @@ def build_cache(source: Source, encoder: FrozenEncoder, spec: CacheSpec, out: st
     try:
         encoder = encoder.to(device)
         builder = _Builder(source, encoder, spec, out, ranks, device, batch_size, num_workers, progress)
-        ranks.sync(out, _failure(builder.prepare) if ranks.rank == 0 else None)
+        ranks.sync(out, _failure(builder.prepare) if ranks.rank == 0 else None, share=False)
         result = BuildResult(out, None)
         ranks.sync(out, _failure(lambda: builder.build(result)))
 
