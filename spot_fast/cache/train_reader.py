@@ -56,9 +56,8 @@ class TrainReader:
         self.rank, self.world = rank_world(rank, world_size)
         self.drop_last, self.prefetch, self.workers, self.start_step = drop_last, prefetch, workers, start_step
         self.check = check
-        self.names = ("features", "split_tokens") if (cache.has_split_tokens if split_tokens is None
-                                                        else split_tokens) else ("features",)
-        self.split_tokens = "split_tokens" in self.names
+        self.split_tokens = cache.has_split_tokens if split_tokens is None else split_tokens
+        self.names = ("features", "split_tokens") if self.split_tokens else ("features",)
         self.out_dtype = dtype or STORED_TORCH[cache.dtype]
         self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.num_samples = len(cache.samples)
@@ -70,11 +69,11 @@ class TrainReader:
         n, B, w = self.num_samples, self.batch_size, self.world
         if len(self) > 0 or n == 0:
             return
-        if self.drop_last:
-            raise CacheError(f"batch size {B} x {w} rank(s) is more than the {n} images of cache "
-                             f"{self.cache.path}: with drop_last=True no batch would be read; use "
-                             f"drop_last=False or a batch size <= {n // w}")
-        raise CacheError(f"cache {self.cache.path} holds {n} images, fewer than the {w} ranks: use fewer ranks")
+        if n < w:
+            raise CacheError(f"cache {self.cache.path} holds {n} images, fewer than the {w} ranks: use fewer ranks")
+        raise CacheError(f"batch size {B} x {w} rank(s) is more than the {n} images of cache {self.cache.path}: "
+                         f"with drop_last=True no batch would be read; use drop_last=False or a batch size "
+                         f"<= {n // w}")
 
     @property
     def dropped(self) -> int:
