@@ -15,7 +15,7 @@ from cache_fakes import build_tiny, one_thread  # noqa: E402, F401 (one_thread: 
 from test_cache_process import SCRIPT, _free_port, assert_same_tree, run_build  # noqa: E402
 
 from spot_fast.cache import CacheError, open_cache, verify  # noqa: E402
-from spot_fast.cache.build import FAIL_AFTER_ENV  # noqa: E402
+from spot_fast.cache.writer import FAIL_AFTER_ENV  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

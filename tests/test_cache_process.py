@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cache_fakes import build_tiny, one_thread  # noqa: E402, F401 (one_thread: a fixture)
 
 from spot_fast.cache import CacheError, open_cache, verify  # noqa: E402
-from spot_fast.cache.build import FAIL_AFTER_ENV  # noqa: E402
+from spot_fast.cache.writer import FAIL_AFTER_ENV  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "cache_fakes.py"
 pytestmark = pytest.mark.usefixtures("one_thread")

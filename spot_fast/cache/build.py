@@ -4,29 +4,28 @@
     result = build_cache(source, encoder, spec)          # -> BuildResult(path, manifest, ...)
 
 Never loses work: shard k (rows k*C .. k*C+C-1) is written by its store (zarr chunk files or
-one tar, each via a tmp name + rename) and then recorded by an atomically written marker
-`.shards/shard-XXXXX.json` holding its checksums. A rerun skips recorded shards, rewrites the
-rest, and ends byte-identical to an uninterrupted build: every encoder batch lies inside one
-shard and depends only on that shard, and nothing written holds a time or a process id.
-The manifest is written last; it alone makes the directory a cache.
+one tar, each via a tmp name + rename), fsync'd, and then recorded by an atomically written
+marker `.shards/shard-XXXXX.json` holding its checksums (writer.py). A rerun skips recorded
+shards whose files still match (size + xxh3), rewrites the rest, and ends byte-identical to an
+uninterrupted build: every encoder batch lies inside one shard and depends only on that shard,
+and nothing written holds a time or a process id. The manifest is written last, with its own
+checksum; it alone makes the directory a cache. Non-finite tokens stop the build (`stored`).
 
 Several processes (`torchrun --nproc-per-node G spot-fast cache ...`): rank r builds shards
-k = r, r+G, ...; rank 0 merges their markers into the manifest after a barrier. The output
-directory must be shared by all ranks (one machine, or a shared file system).
+k = r, r+G, ...; rank 0 merges their markers into the manifest once all ranks are done. A
+failing rank stops the others with its error (ranks.py). The output directory must be shared
+by all ranks (one machine, or a shared file system).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import queue
 import shutil
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -34,95 +33,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from spot_fast import __version__
-from spot_fast.cache import wds_store, zarr_store
+from spot_fast.cache import zarr_store
 from spot_fast.cache.layout import MASK_NAMES, Shard, array_specs, shard_bounds
 from spot_fast.cache.checks import fast_hash
 from spot_fast.cache.manifest import (BUILD_STATE, MANIFEST, MASK_DTYPES, SCHEMA_VERSION, SHARD_MARKERS,
                                       TAIL_FILE, CacheError, read_manifest, shard_owner,
                                       to_stored, write_json_atomic, write_manifest)
 from spot_fast.cache.paths import CacheSpec, encoder_description
+from spot_fast.cache.ranks import ERRORS, Ranks, default_device, ranks_from_env
+from spot_fast.cache.writer import ShardWriter, remove_temporaries
 from spot_fast.data.base import BadImage, Source
 from spot_fast.encoders import FrozenEncoder, file_sha256
-
-FAIL_AFTER_ENV = "SPOT_FAST_CACHE_FAIL_AFTER"   # tests: die (os._exit) mid-way through shard N+1
-
-
-# ----------------------------------------------------------------------------- distributed
-
-@dataclass
-class Ranks:
-    """This process's place among the build processes (torchrun's RANK / WORLD_SIZE).
-
-    A failing rank must stop the others, not leave them at a barrier: it writes its error to
-    `.build-errors/rank-R.txt` (the others poll that folder between batches and stop) and every
-    rank meets at `sync`, an all-reduce of an error flag, instead of a bare barrier."""
-    rank: int = 0
-    world: int = 1
-    owns_group: bool = False    # we initialised torch.distributed and must tear it down
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))   # of the flag (nccl: cuda)
-
-    def sync(self, out: Path, error: BaseException | None = None, share: bool = True) -> None:
-        """Wait for every rank; raise `error`, or a CacheError when another rank failed. `share`
-        writes the error where the other ranks read it (not before the folder is ours: prepare)."""
-        if self.world > 1:
-            if error is not None and share:
-                self.report(out, error)
-            flag = torch.tensor([0 if error is None else 1], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            if error is None and flag.item():
-                raise CacheError(self.failure(out) or "another build process failed: see its error above; "
-                                 "fix it and rerun the same command to resume")
-        if error is not None:
-            raise error
-
-    def report(self, out: Path, error: BaseException) -> None:
-        folder = out / ERRORS
-        with contextlib.suppress(OSError):
-            folder.mkdir(exist_ok=True)
-            (folder / f"rank-{self.rank}.txt").write_text(f"{type(error).__name__}: {error}")
-
-    def failure(self, out: Path) -> str | None:
-        """The error another rank reported, or None."""
-        folder = out / ERRORS
-        if self.world == 1 or not folder.is_dir():
-            return None
-        for file in sorted(folder.iterdir()):
-            if file.name != f"rank-{self.rank}.txt":
-                return (f"build process {file.stem} of {self.world} failed ({file.read_text().strip()}); "
-                        f"stopped this one too: fix it and rerun the same command to resume")
-        return None
-
-    def close(self) -> None:
-        if self.owns_group:
-            torch.distributed.destroy_process_group()
-
-
-ERRORS = ".build-errors"     # one file per failed rank of a multi-rank build; cleared when a build starts
-
-
-def ranks_from_env(device: torch.device) -> Ranks:
-    """Join the process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Ranks()
-    dist = torch.distributed
-    if dist.is_initialized():
-        nccl = dist.get_backend() == "nccl"
-        return Ranks(dist.get_rank(), dist.get_world_size(), device=device if nccl else torch.device("cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    # Long timeout: ranks wait at the final barrier while the slowest rank finishes its shards.
-    dist.init_process_group(backend, timeout=timedelta(hours=48))
-    return Ranks(dist.get_rank(), dist.get_world_size(), owns_group=True,
-                 device=device if backend == "nccl" else torch.device("cpu"))
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
 
 # ----------------------------------------------------------------------------- reading the source
 
@@ -216,7 +137,7 @@ class _Builder:
             raise CacheError(f"--out {out} is not empty and is not a spot-fast cache build: "
                              f"choose a new or empty directory")
         if state is not None and state.get("prepared"):
-            _remove_temporaries(out)
+            remove_temporaries(out)
             shutil.rmtree(out / ERRORS, ignore_errors=True)
             return
         for child in out.iterdir():     # an interrupted preparation: start over
@@ -244,7 +165,7 @@ class _Builder:
             self.run(todo, result)
         except BaseException:
             if self.ranks.world == 1:
-                _remove_temporaries(self.out)
+                remove_temporaries(self.out)
             raise
 
     def todo(self, mine: range, result: BuildResult) -> list[int]:
@@ -359,7 +280,7 @@ class _Builder:
                             num_workers=self.num_workers, collate_fn=_list_collate)
         total = sum(self.bounds[k][1] - self.bounds[k][0] for k in shards)
         items = iter(loader)            # fork the decode workers before any thread of ours starts
-        writer = _WriterThread(self)
+        writer = ShardWriter(self)
         bar = _Progress(total, enabled=self.progress and self.ranks.rank == 0,
                         label=f"rank 0/{self.ranks.world}" if self.ranks.world > 1 else "encoding")
         pending = Counter(b[0] // self.spec.chunk_images for b in batches)    # batches left per shard
@@ -456,88 +377,6 @@ def _save_tail(path: Path, state: dict[str, torch.Tensor], info: dict) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
               metadata={"spot_fast": json.dumps(info, sort_keys=True)})
     os.replace(tmp, path)
-
-
-def _fsync(out: Path, files: list[str]) -> None:
-    """Flush the files and the folders holding them (their renames) to the disk."""
-    for path in [out / rel for rel in files] + sorted({(out / rel).parent for rel in files}):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _remove_temporaries(out: Path) -> None:
-    """Leftovers of a killed writer: our `*.tmp` files and zarr's `*.partial` chunk files."""
-    for dirpath, _, files in os.walk(out):
-        for name in files:
-            if name.endswith((".tmp", ".partial")):
-                os.unlink(os.path.join(dirpath, name))
-
-
-class _WriterThread:
-    """Writes finished shards (files, checksums, marker) in the background while encoding goes on."""
-
-    def __init__(self, builder: _Builder):
-        self.b = builder
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.written = 0
-        fail = os.environ.get(FAIL_AFTER_ENV)
-        self.fail_after = int(fail) if fail else None
-        if builder.spec.format == "zarr":
-            self.store = zarr_store.ZarrStore(builder.out, builder.specs, mode="r+")
-        self.thread = threading.Thread(target=self._loop, name="cache-writer", daemon=True)
-        self.thread.start()
-
-    def _on_file(self, rel: str) -> None:
-        if self.fail_after is not None and self.written >= self.fail_after:
-            os._exit(75)   # test hook: die like a SIGKILL, with this shard half-written
-
-    def _write(self, shard: Shard) -> None:
-        b = self.b
-        if b.spec.format == "zarr":
-            files = self.store.write(shard, on_file=self._on_file)
-        else:
-            files = wds_store.write_shard(b.out, shard, on_file=self._on_file)
-        _fsync(b.out, files)          # on disk before the marker says so (a machine crash loses nothing marked)
-        marker = {"index": shard.index, "start": shard.start, "stop": shard.stop, "images": len(shard),
-                  "files": {rel: file_sha256(b.out / rel) for rel in files},
-                  "xxh3": {rel: fast_hash(b.out / rel) for rel in files},
-                  "sizes": {rel: (b.out / rel).stat().st_size for rel in files},
-                  "skipped": shard.skipped, "int_ids": shard.int_ids}
-        write_json_atomic(b.marker(shard.index), marker)
-        self.written += 1
-
-    def _loop(self) -> None:
-        while True:
-            shard = self.queue.get()
-            if shard is None:
-                return
-            if self.error is None:
-                try:
-                    self._write(shard)
-                except BaseException as e:  # re-raised in the main thread by check()
-                    self.error = e
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def put(self, shard: Shard) -> None:
-        self.check()
-        self.queue.put(shard)
-
-    def finish(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        self.check()
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
 
 
 class _Progress:
