@@ -157,6 +157,9 @@ def test_first_read_check_refuses_a_flipped_byte(tmp_path, fmt):
         list(open_cache(path, allow_random_init=True).train_reader(2))
     with pytest.raises(CacheError, match="is corrupt"):      # the eval reader checks too
         list(open_cache(path, allow_random_init=True).eval_reader(2))
+    if fmt == "wds":                                          # and the stream, before streaming
+        with pytest.raises(CacheError, match="is corrupt"):
+            open_cache(path, allow_random_init=True).wds_reader(2)
 
 
 def test_edited_manifest_is_detected(tmp_path):

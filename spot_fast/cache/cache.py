@@ -160,9 +160,15 @@ class Cache:
         from spot_fast.cache.eval_reader import EvalReader
         return EvalReader(self, batch_size, **kw)
 
-    def wds_reader(self, batch_size: int, **kw):
+    def wds_reader(self, batch_size: int, check: bool = True, **kw):
+        """A WdsReader over this cache's tars; `check` hashes them first (once per process), as the
+        other readers do on first read: a stream cannot be checked before it is decoded."""
         from spot_fast.cache.wds_reader import WdsReader
-        return WdsReader(self.shard_urls(), batch_size, manifest=self.manifest, **kw)
+        urls = self.shard_urls()
+        if check:
+            for s in self.shards:
+                self.check_shard(s["index"], ("features",))
+        return WdsReader(urls, batch_size, manifest=self.manifest, **kw)
 
 
 def _describe(d: dict) -> str:
