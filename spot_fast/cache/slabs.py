@@ -34,10 +34,14 @@ class MappedSlabs:
         self.dtype = np.dtype(STORED_NUMPY[stored])
         self.nbytes = shape[0] * shape[1] * self.dtype.itemsize
 
+    def start(self, s: int, v: int) -> int:
+        """Byte offset of sample s, view v in its file (views of a sample are consecutive)."""
+        return int(self.offset[s]) + v * self.nbytes
+
     def slab(self, s: int, v: int) -> np.ndarray:
-        """Sample s, view v: an (L, D) stored-dtype view into the map (no copy)."""
-        start = int(self.offset[s]) + v * self.nbytes
-        return self.maps[self.file[s]][start:start + self.nbytes].view(self.dtype).reshape(self.shape)
+        """Sample s, view v: a stored-dtype view into the map (no copy)."""
+        start = self.start(s, v)
+        return self.maps[self.file[s]][start:start + self.nbytes].view(self.dtype).reshape(self.shape)  # (L, D)
 
     def fill(self, out: torch.Tensor, samples: np.ndarray, views: np.ndarray) -> None:
         """out[i] = slab(samples[i], views[i]) for i < len(samples): one copy per slab, in `out`'s dtype.
@@ -46,7 +50,7 @@ class MappedSlabs:
         otherwise torch's converting copy, still one pass."""
         pairs = list(zip(samples.tolist(), views.tolist()))
         for s, v in pairs:           # ask the kernel for every slab at once: cold reads then overlap
-            start = int(self.offset[s]) + v * self.nbytes
+            start = self.start(s, v)
             page = start - start % mmap.PAGESIZE
             self.mmaps[self.file[s]].madvise(mmap.MADV_WILLNEED, page, start + self.nbytes - page)
         raw = _raw_numpy(out, self.stored)
