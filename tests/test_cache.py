@@ -15,19 +15,14 @@ import torch
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_cache_fakes import FakeSource, build_tiny, fake_image, tiny_encoder, tiny_spec  # noqa: E402
+from cache_fakes import FakeSource, build_tiny, fake_image, one_thread, tiny_encoder, tiny_spec  # noqa: E402, F401 (one_thread: a fixture)
 
 from spot_fast.cache import CacheError, build_cache, open_cache, read_manifest  # noqa: E402
-from spot_fast.cache.reader import TrainReader  # noqa: E402
+from spot_fast.cache import TrainReader  # noqa: E402
 from spot_fast.config import EncoderConfig, preset  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -267,15 +262,15 @@ def _order(reader):
 def test_train_reader_is_deterministic_per_seed_and_epoch(tmp_path):
     path = build_tiny(tmp_path / "c", n=40, chunk_images=4).path
     cache = open_cache(path, allow_random_init=True)
-    r = cache.train_reader(5, seed=3, rank=0, world_size=1, window=2)
+    r = cache.train_reader(5, seed=3, rank=0, world_size=1)
     e0 = _order(r)
-    assert e0 == _order(cache.train_reader(5, seed=3, rank=0, world_size=1, window=2))
+    assert e0 == _order(cache.train_reader(5, seed=3, rank=0, world_size=1))
     r.set_epoch(1)
     e1 = _order(r)
     assert e1 != e0 and sorted(i for i, _ in e0) == sorted(i for i, _ in e1) == list(range(40))
     assert len({v for _, v in e0}) == 2                     # both views appear
     assert len(r) == 8 and all(b["features"].shape == (5, 16, 32) for b in r)
-    assert e0 != _order(cache.train_reader(5, seed=4, rank=0, world_size=1, window=2))
+    assert e0 != _order(cache.train_reader(5, seed=4, rank=0, world_size=1))
 
 
 def test_train_reader_ranks_are_disjoint_and_equal_length(tmp_path):
@@ -295,7 +290,7 @@ def test_early_break_stops_the_prefetch_thread(caches):
     cache = open_cache(caches["zarr"]["train"], allow_random_init=True)
     for b in cache.train_reader(2, rank=0, world_size=1, prefetch=1):
         break
-    assert not any(t.name == "cache-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert not any(t.name.startswith(("cache-prefetch", "cache-read")) and t.is_alive() for t in threading.enumerate())
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_cache_fakes import tiny_encoder  # noqa: E402
+from cache_fakes import tiny_encoder  # noqa: E402
 
 try:
     from spot_fast.data.sources import open_source

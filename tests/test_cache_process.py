@@ -1,6 +1,6 @@
 """Builds across processes: a killed build resumes to the same bytes; 2 ranks build what 1 rank builds.
 
-The builds run `tests/test_cache_fakes.py` in subprocesses (single-threaded torch, so every
+The builds run `tests/cache_fakes.py` in subprocesses (single-threaded torch, so every
 process computes bit-identical GEMMs) and are compared file by file with an in-process build.
 """
 from __future__ import annotations
@@ -13,15 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_cache_fakes import build_tiny  # noqa: E402
+from cache_fakes import build_tiny, one_thread  # noqa: E402, F401 (one_thread: a fixture)
 
 from spot_fast.cache import CacheError, open_cache, verify  # noqa: E402
-from spot_fast.cache.build import FAIL_AFTER_ENV  # noqa: E402
+from spot_fast.cache.writer import FAIL_AFTER_ENV  # noqa: E402
 
-SCRIPT = Path(__file__).parent / "test_cache_fakes.py"
+SCRIPT = Path(__file__).parent / "cache_fakes.py"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_build(args: dict, env: dict | None = None, wait: bool = True):
@@ -45,16 +45,10 @@ def assert_same_tree(a: Path, b: Path) -> None:
     assert not different, f"files differ: {different}"
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "wds"])
-def test_killed_build_resumes_to_identical_bytes(tmp_path, fmt, one_thread):
+def test_killed_build_resumes_to_identical_bytes(tmp_path, fmt):
     args = {"n": 14, "bad": [6], "format": fmt, "split_block": 2, "split": "val" if fmt == "wds" else "train"}
     out = tmp_path / "resumed"
     proc = subprocess.run([sys.executable, str(SCRIPT), json.dumps({"out": str(out), **args})],
@@ -78,7 +72,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_rank_build_equals_one_rank_build(tmp_path, one_thread):
+def test_two_rank_build_equals_one_rank_build(tmp_path):
     args = {"n": 18, "bad": [3], "split_block": 2, "chunk_images": 4, "out": str(tmp_path / "two")}
     port = str(_free_port())
     procs = [run_build(args, env={"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",

@@ -2,14 +2,20 @@
 
     build:  build_cache(source, encoder, spec, out)      (CLI: `spot-fast cache DATASET --root ...`)
     read:   cache = open_cache(path, expect=cfg); cache.train_reader(64) / cache.eval_reader(64)
+    device: for batch in device_batches(cache.train_reader(64, dtype=None), "cuda", torch.bfloat16)
     stream: WdsReader(urls, 64)
     check:  verify(path) -> problems
 """
 from spot_fast.cache.build import BuildResult, build_cache, find_cached
+from spot_fast.cache.cache import Cache, open_cache
+from spot_fast.cache.device import device_batches
+from spot_fast.cache.eval_reader import EvalReader
 from spot_fast.cache.manifest import CacheError, read_manifest, verify
 from spot_fast.cache.paths import CacheSpec, cache_base_dir
-from spot_fast.cache.reader import Cache, EvalReader, TrainReader, WdsReader, open_cache
+from spot_fast.cache.sampler import epoch_batches, num_batches
+from spot_fast.cache.train_reader import TrainReader
+from spot_fast.cache.wds_reader import WdsReader
 
 __all__ = ["BuildResult", "Cache", "CacheError", "CacheSpec", "EvalReader", "TrainReader", "WdsReader",
-           "build_cache", "cache_base_dir", "find_cached", "open_cache", "read_manifest",
-           "verify"]
+           "build_cache", "cache_base_dir", "device_batches", "epoch_batches", "find_cached", "num_batches",
+           "open_cache", "read_manifest", "verify"]

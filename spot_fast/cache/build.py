@@ -4,28 +4,28 @@
     result = build_cache(source, encoder, spec)          # -> BuildResult(path, manifest, ...)
 
 Never loses work: shard k (rows k*C .. k*C+C-1) is written by its store (zarr chunk files or
-one tar, each via a tmp name + rename) and then recorded by an atomically written marker
-`.shards/shard-XXXXX.json` holding its checksums. A rerun skips recorded shards, rewrites the
-rest, and ends byte-identical to an uninterrupted build: every encoder batch lies inside one
-shard and depends only on that shard, and nothing written holds a time or a process id.
-The manifest is written last; it alone makes the directory a cache.
+one tar, each via a tmp name + rename), fsync'd, and then recorded by an atomically written
+marker `.shards/shard-XXXXX.json` holding its checksums (writer.py). A rerun skips recorded
+shards whose files still match (size + xxh3), rewrites the rest, and ends byte-identical to an
+uninterrupted build: every encoder batch lies inside one shard and depends only on that shard,
+and nothing written holds a time or a process id. The manifest is written last, with its own
+checksum; it alone makes the directory a cache. Non-finite tokens stop the build (`stored`).
 
 Several processes (`torchrun --nproc-per-node G spot-fast cache ...`): rank r builds shards
-k = r, r+G, ...; rank 0 merges their markers into the manifest after a barrier. The output
-directory must be shared by all ranks (one machine, or a shared file system).
+k = r, r+G, ...; rank 0 merges their markers into the manifest once all ranks are done. A
+failing rank stops the others with its error (ranks.py). The output directory must be shared
+by all ranks (one machine, or a shared file system).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import queue
 import shutil
-import threading
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -33,57 +33,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from spot_fast import __version__
-from spot_fast.cache import wds_store, zarr_store
+from spot_fast.cache import zarr_store
 from spot_fast.cache.layout import MASK_NAMES, Shard, array_specs, shard_bounds
+from spot_fast.cache.checks import fast_hash
 from spot_fast.cache.manifest import (BUILD_STATE, MANIFEST, MASK_DTYPES, SCHEMA_VERSION, SHARD_MARKERS,
-                                      TAIL_FILE, CacheError, read_manifest, to_stored,
-                                      write_json_atomic)
+                                      TAIL_FILE, CacheError, read_manifest, shard_owner,
+                                      to_stored, write_json_atomic, write_manifest)
 from spot_fast.cache.paths import CacheSpec, encoder_description
+from spot_fast.cache.ranks import ERRORS, Ranks, default_device, ranks_from_env
+from spot_fast.cache.writer import ShardWriter, remove_temporaries
 from spot_fast.data.base import BadImage, Source
 from spot_fast.encoders import FrozenEncoder, file_sha256
-
-FAIL_AFTER_ENV = "SPOT_FAST_CACHE_FAIL_AFTER"   # tests: die (os._exit) mid-way through shard N+1
-
-
-# ----------------------------------------------------------------------------- distributed
-
-@dataclass
-class Ranks:
-    """This process's place among the build processes (torchrun's RANK / WORLD_SIZE)."""
-    rank: int = 0
-    world: int = 1
-    owns_group: bool = False    # we initialised torch.distributed and must tear it down
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.owns_group:
-            torch.distributed.destroy_process_group()
-
-
-def ranks_from_env(device: torch.device) -> Ranks:
-    """Join the process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Ranks()
-    dist = torch.distributed
-    if dist.is_initialized():
-        return Ranks(dist.get_rank(), dist.get_world_size())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    # Long timeout: ranks wait at the final barrier while the slowest rank finishes its shards.
-    dist.init_process_group(backend, timeout=timedelta(hours=48))
-    return Ranks(dist.get_rank(), dist.get_world_size(), owns_group=True)
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
 
 # ----------------------------------------------------------------------------- reading the source
 
@@ -133,6 +93,7 @@ class BuildResult:
     images_built: int = 0               # encoded by this process in this run
     skipped: list[dict] = field(default_factory=list)   # skipped by this process in this run
     shards_resumed: int = 0             # shards found finished from an earlier run
+    rebuilt: list[str] = field(default_factory=list)    # marked shards found damaged and rebuilt
     seconds: float = 0.0
 
 
@@ -176,7 +137,8 @@ class _Builder:
             raise CacheError(f"--out {out} is not empty and is not a spot-fast cache build: "
                              f"choose a new or empty directory")
         if state is not None and state.get("prepared"):
-            _remove_temporaries(out)
+            remove_temporaries(out)
+            shutil.rmtree(out / ERRORS, ignore_errors=True)
             return
         for child in out.iterdir():     # an interrupted preparation: start over
             shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -194,9 +156,43 @@ class _Builder:
         return self.out / SHARD_MARKERS / f"shard-{k:05d}.json"
 
     # -- encoding -------------------------------------------------------------------------
-    def todo(self) -> list[int]:
+    def build(self, result: BuildResult) -> None:
+        """Encode and write this rank's unfinished shards."""
         mine = range(self.ranks.rank, len(self.bounds), self.ranks.world)
-        return [k for k in mine if not self.marker(k).is_file()]
+        todo = self.todo(mine, result)
+        result.shards_resumed = len(mine) - len(todo)
+        try:
+            self.run(todo, result)
+        except BaseException:
+            if self.ranks.world == 1:
+                remove_temporaries(self.out)
+            raise
+
+    def todo(self, mine: range, result: BuildResult) -> list[int]:
+        """This rank's shards without a marker, or whose marked files changed on disk since
+        (truncated by a machine crash, edited): those are rebuilt, and listed in `result.rebuilt`."""
+        out = []
+        for k in mine:
+            if self.marker(k).is_file():
+                problem = self.marked_problem(k)
+                if problem is None:
+                    continue
+                result.rebuilt.append(problem)
+                print(f"warning: {problem}: rebuilding it", file=sys.stderr)
+                self.marker(k).unlink()
+            out.append(k)
+        return out
+
+    def marked_problem(self, k: int) -> str | None:
+        """Why the files of marked shard k do not match their marker (size, then xxh3), or None."""
+        m = json.loads(self.marker(k).read_text())
+        for rel, fast in m["xxh3"].items():
+            file = self.out / rel
+            if not file.is_file():
+                return f"{shard_owner(m)} was marked done but {rel} is missing"
+            if file.stat().st_size != m["sizes"][rel] or fast_hash(file) != fast:
+                return f"{shard_owner(m)} was marked done but {rel} changed on disk (truncated?)"
+        return None
 
     def batches(self, shards: list[int]) -> list[list[int]]:
         """Encoder batches: each inside one shard, cut from the shard's start (rank-independent)."""
@@ -208,7 +204,10 @@ class _Builder:
 
     def encode(self, items: list[dict]) -> dict[str, np.ndarray]:
         """Stored-dtype token arrays of the good items of one batch."""
-        views = torch.stack([it["views"] for it in items])            # (B, V, 3, S, S)
+        first = items[0]["views"]
+        views = torch.empty((len(items), *first.shape), dtype=first.dtype,
+                            pin_memory=self.device.type == "cuda")     # pinned once, after stacking
+        torch.stack([it["views"] for it in items], out=views)            # (B, V, 3, S, S)
         b, v = views.shape[:2]
         if v != self.views:
             raise CacheError(f"source {self.source.name!r} gave {v} views for image {items[0]['id']}, "
@@ -220,10 +219,29 @@ class _Builder:
             autocast = torch.autocast(self.device.type, dtype=dt)
         with torch.inference_mode(), autocast:
             tokens = self.encoder(x, split_block=self.spec.split_block)
-        out = {"features": to_stored(tokens.final.reshape(b, v, self.num_patches, self.dim), self.spec.dtype)}
-        if self.num_tokens is not None:
-            out["split_tokens"] = to_stored(tokens.split.reshape(b, v, self.num_tokens, self.dim), self.spec.dtype)
+        out = {}
+        if self.num_tokens is not None:     # checked first: the earlier layer names where a NaN began
+            out["split_tokens"] = self.stored(tokens.split.reshape(b, v, self.num_tokens, self.dim), items,
+                                              f"split (input of block {self.spec.split_block})")
+        out["features"] = self.stored(tokens.final.reshape(b, v, self.num_patches, self.dim), items, "final")
         return out
+
+    def stored(self, tokens: torch.Tensor, items: list[dict], layer: str) -> np.ndarray:
+        """(B, V, L, D) tokens in the stored dtype; CacheError naming the image and layer if any value is
+        not finite after the cast (NaN/inf from the encoder, or beyond fp16's range)."""
+        a = to_stored(tokens, self.spec.dtype)
+        finite = torch.isfinite(tokens).flatten(1).all(1).cpu()
+        if self.spec.dtype == "fp16":
+            finite &= torch.from_numpy(np.isfinite(a).reshape(len(a), -1).all(1))
+        if bool(finite.all()):
+            return a
+        i = int((~finite).nonzero()[0, 0])
+        src = "non-finite values (NaN/inf)" if not torch.isfinite(tokens[i]).all() else \
+            "values beyond fp16's range (|x| > 65504), inf once stored as fp16"
+        fix = "store with --dtype bf16 or fp32" if "fp16" in src else "check the encoder weights (--weights)"
+        raise CacheError(f"image {items[i]['id']} (row {items[i]['index']}) of dataset {self.spec.dataset}: "
+                         f"the encoder's {layer} tokens hold {src}; nothing is stored for it: {fix}, then "
+                         f"rerun the same command to resume")
 
     def _stack(self, name: str, arrays: list[np.ndarray]) -> np.ndarray:
         """Concatenate along rows; an empty (0, ...) array of the layout's shape when there is nothing."""
@@ -259,11 +277,10 @@ class _Builder:
         """Encode `shards` (in order) and hand each finished one to the writer thread."""
         batches = self.batches(shards)
         loader = DataLoader(_SourceItems(self.source, self.spec.split), batch_sampler=batches,
-                            num_workers=self.num_workers, collate_fn=_list_collate,
-                            pin_memory=self.device.type == "cuda")
+                            num_workers=self.num_workers, collate_fn=_list_collate)
         total = sum(self.bounds[k][1] - self.bounds[k][0] for k in shards)
         items = iter(loader)            # fork the decode workers before any thread of ours starts
-        writer = _WriterThread(self)
+        writer = ShardWriter(self)
         bar = _Progress(total, enabled=self.progress and self.ranks.rank == 0,
                         label=f"rank 0/{self.ranks.world}" if self.ranks.world > 1 else "encoding")
         pending = Counter(b[0] // self.spec.chunk_images for b in batches)    # batches left per shard
@@ -272,6 +289,9 @@ class _Builder:
             with bar:
                 for batch in items:
                     writer.check()
+                    failed = self.ranks.failure(self.out)
+                    if failed:
+                        raise CacheError(failed)
                     k = batch[0]["index"] // self.spec.chunk_images
                     ok = [it for it in batch if "bad" not in it]
                     bad = [it["bad"] for it in batch if "bad" in it]
@@ -299,7 +319,7 @@ class _Builder:
                 raise CacheError(f"shard {k} of {self.out} was not built (a build process failed?): "
                                  f"rerun the same command to finish it")
             m = json.loads(self.marker(k).read_text())
-            shards.append({key: m[key] for key in ("index", "start", "stop", "images", "files")})
+            shards.append({key: m[key] for key in ("index", "start", "stop", "images", "files", "xxh3")})
             skipped += m["skipped"]
             int_ids &= m["int_ids"] or m["images"] == 0
         meta = ["zarr.json"] + [f"{n}/zarr.json" for n in self.specs] if self.spec.format == "zarr" else []
@@ -333,10 +353,20 @@ class _Builder:
             "files": {rel: file_sha256(self.out / rel) for rel in meta},
             "shards": shards,
         }
-        write_json_atomic(self.out / MANIFEST, manifest)
+        write_manifest(self.out, manifest)
         shutil.rmtree(self.out / SHARD_MARKERS, ignore_errors=True)
+        shutil.rmtree(self.out / ERRORS, ignore_errors=True)
         (self.out / BUILD_STATE).unlink(missing_ok=True)
         return manifest
+
+
+def _failure(step) -> BaseException | None:
+    """Run `step()`; the exception it raised (for `Ranks.sync` to share), or None."""
+    try:
+        step()
+    except BaseException as e:    # noqa: BLE001 -- handed to Ranks.sync, which re-raises it
+        return e
+    return None
 
 
 def _save_tail(path: Path, state: dict[str, torch.Tensor], info: dict) -> None:
@@ -347,75 +377,6 @@ def _save_tail(path: Path, state: dict[str, torch.Tensor], info: dict) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
               metadata={"spot_fast": json.dumps(info, sort_keys=True)})
     os.replace(tmp, path)
-
-
-def _remove_temporaries(out: Path) -> None:
-    """Leftovers of a killed writer: our `*.tmp` files and zarr's `*.partial` chunk files."""
-    for dirpath, _, files in os.walk(out):
-        for name in files:
-            if name.endswith((".tmp", ".partial")):
-                os.unlink(os.path.join(dirpath, name))
-
-
-class _WriterThread:
-    """Writes finished shards (files, checksums, marker) in the background while encoding goes on."""
-
-    def __init__(self, builder: _Builder):
-        self.b = builder
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.written = 0
-        fail = os.environ.get(FAIL_AFTER_ENV)
-        self.fail_after = int(fail) if fail else None
-        if builder.spec.format == "zarr":
-            self.store = zarr_store.ZarrStore(builder.out, builder.specs, mode="r+")
-        self.thread = threading.Thread(target=self._loop, name="cache-writer", daemon=True)
-        self.thread.start()
-
-    def _on_file(self, rel: str) -> None:
-        if self.fail_after is not None and self.written >= self.fail_after:
-            os._exit(75)   # test hook: die like a SIGKILL, with this shard half-written
-
-    def _write(self, shard: Shard) -> None:
-        b = self.b
-        if b.spec.format == "zarr":
-            files = self.store.write(shard, on_file=self._on_file)
-        else:
-            files = wds_store.write_shard(b.out, shard, on_file=self._on_file)
-        marker = {"index": shard.index, "start": shard.start, "stop": shard.stop, "images": len(shard),
-                  "files": {rel: file_sha256(b.out / rel) for rel in files},
-                  "skipped": shard.skipped, "int_ids": shard.int_ids}
-        write_json_atomic(b.marker(shard.index), marker)
-        self.written += 1
-
-    def _loop(self) -> None:
-        while True:
-            shard = self.queue.get()
-            if shard is None:
-                return
-            if self.error is None:
-                try:
-                    self._write(shard)
-                except BaseException as e:  # re-raised in the main thread by check()
-                    self.error = e
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def put(self, shard: Shard) -> None:
-        self.check()
-        self.queue.put(shard)
-
-    def finish(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        self.check()
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
 
 
 class _Progress:
@@ -491,22 +452,13 @@ def build_cache(source: Source, encoder: FrozenEncoder, spec: CacheSpec, out: st
     try:
         encoder = encoder.to(device)
         builder = _Builder(source, encoder, spec, out, ranks, device, batch_size, num_workers, progress)
-        if ranks.rank == 0:
-            builder.prepare()
-        ranks.barrier()
+        ranks.sync(out, _failure(builder.prepare) if ranks.rank == 0 else None, share=False)
         result = BuildResult(out, None)
-        todo = builder.todo()
-        result.shards_resumed = len(range(ranks.rank, len(builder.bounds), ranks.world)) - len(todo)
-        try:
-            builder.run(todo, result)
-        except BaseException:
-            if ranks.world == 1:
-                _remove_temporaries(out)
-            raise
-        ranks.barrier()
-        if ranks.rank == 0:
+        ranks.sync(out, _failure(lambda: builder.build(result)))
+
+        def merge():
             result.manifest = builder.merge()
-        ranks.barrier()
+        ranks.sync(out, _failure(merge) if ranks.rank == 0 else None)
     finally:
         ranks.close()
     result.seconds = time.perf_counter() - t0

@@ -58,7 +58,7 @@ class Shard:
     stop: int
     rows: np.ndarray                      # (n,) int64 source indices of the stored images
     image_ids: list[str]
-    features: np.ndarray                  # (n, V, N, D)
+    features: np.ndarray | None = None     # (n, V, N, D); None when not read
     split_tokens: np.ndarray | None = None  # (n, V, T, D)
     instance_mask: np.ndarray | None = None  # (n, M, M)
     class_mask: np.ndarray | None = None

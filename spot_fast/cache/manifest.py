@@ -6,6 +6,7 @@ The manifest is deterministic (no timestamps): two builds of the same content ar
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -61,8 +62,37 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+MANIFEST_HASH = "manifest_sha256"   # sha256 of the manifest's own JSON without this key
+
+
+def manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_HASH}
+    return hashlib.sha256(json.dumps(body, indent=1, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """Write `path/manifest.json` with its own checksum (an edited manifest is then detected)."""
+    write_json_atomic(path / MANIFEST, {**manifest, MANIFEST_HASH: manifest_digest(manifest)})
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of the cache at `path`; CacheError if there is no complete one."""
+    """The manifest of the cache at `path`; CacheError if there is no complete, unmodified one."""
+    manifest = _load_manifest(Path(path))
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CacheError(f"{Path(path) / MANIFEST} {problem}: restore it, or rebuild the cache (delete it "
+                         f"and rerun its build command)")
+    return manifest
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    if MANIFEST_HASH in manifest and manifest[MANIFEST_HASH] != manifest_digest(manifest):
+        return "was modified after the build (its checksum does not match its content)"
+    return None
+
+
+def _load_manifest(path: Path) -> dict:
+    """The parsed manifest, checked for completeness and schema but not against its checksum."""
     path = Path(path)
     if not path.exists():
         raise CacheError(f"no cache at {path}: the directory does not exist")
@@ -86,20 +116,30 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 
 
+def shard_owner(shard: dict) -> str:
+    """How messages name a shard: "shard 3 (images 12..15)"."""
+    return f"shard {shard['index']} (images {shard['start']}..{shard['stop'] - 1})"
+
+
 def all_checksums(manifest: dict) -> dict[str, tuple[str, str]]:
     """relative path -> (sha256, owner) for every file the manifest covers; owner names the shard."""
     out = {rel: (sha, "cache metadata") for rel, sha in manifest["files"].items()}
     for shard in manifest["shards"]:
         for rel, sha in shard["files"].items():
-            out[rel] = (sha, f"shard {shard['index']} (images {shard['start']}..{shard['stop'] - 1})")
+            out[rel] = (sha, shard_owner(shard))
     return out
 
 
 def verify(path: str | os.PathLike) -> list[str]:
     """Re-hash every file of the cache; a list of problems (empty: the cache is intact)."""
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = _load_manifest(path)
     problems = []
+    if MANIFEST_HASH not in manifest:
+        problems.append(f"cache metadata: {MANIFEST} has no checksum (built by an older spot-fast): "
+                        f"it cannot be checked")
+    elif _manifest_problem(manifest):
+        problems.append(f"cache metadata: {MANIFEST} {_manifest_problem(manifest)}")
     for rel, (sha, owner) in sorted(all_checksums(manifest).items()):
         file = path / rel
         if not file.is_file():

@@ -2,7 +2,8 @@
 
 Sample `<row:09d>` holds `id.txt`, `features.npy` (V, N, D), optionally `split_tokens.npy`
 (V, T, D), and for val `instance_mask.npy`, `class_mask.npy`, `ignore_mask.npy` (M, M) and
-`jpg`. Tars are written deterministically (fixed mtime/owner/mode, USTAR) so that a rebuild is
+`jpg`. Tars are written and streamed with the webdataset library (`TarWriter`,
+`tarfile_to_samples`), deterministically (fixed mtime/owner/mode) so that a rebuild is
 byte-identical, to `shard-XXXXX.tar.tmp` and renamed once complete. Skipped images are absent.
 """
 from __future__ import annotations
@@ -30,29 +31,24 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_shard(path: Path, shard: Shard, on_file=None) -> list[str]:
-    """Write `path/shard-XXXXX.tar` (via .tmp + rename); returns its relative file name."""
+    """Write `path/shard-XXXXX.tar` with webdataset's TarWriter (via .tmp + fsync + rename).
+
+    Fixed mtime, owner and mode make a rebuild byte-identical. Returns its relative file name."""
+    import webdataset as wds
     name = shard_name(shard.index)
     tmp = path / (name + ".tmp")
     with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        with wds.TarWriter(f, user="", group="", mode=0o644, mtime=0, encoder=False) as tar:
             for i, row in enumerate(shard.rows):
-                key = f"{int(row):09d}"
-                _add(tar, f"{key}.id.txt", shard.image_ids[i].encode())
+                sample = {"__key__": f"{int(row):09d}", "id.txt": shard.image_ids[i].encode()}
                 for field in ARRAY_FIELDS:
                     value = getattr(shard, field)
                     if value is not None:
-                        _add(tar, f"{key}.{field}.npy", _npy_bytes(value[i]))
+                        sample[f"{field}.npy"] = _npy_bytes(value[i])
                 if shard.jpeg is not None:
-                    _add(tar, f"{key}.jpg", shard.jpeg[i])
+                    sample["jpg"] = shard.jpeg[i]
+                tar.write(sample)
         f.flush()
         os.fsync(f.fileno())
     if on_file is not None:
@@ -73,25 +69,25 @@ def decode_sample(files: dict[str, bytes]) -> dict:
     return out
 
 
-def iter_tar(source) -> Iterator[tuple[int, dict]]:
-    """(row, decoded sample) for each sample of a tar (a path or a readable binary file)."""
-    if isinstance(source, (str, os.PathLike)):
-        tar = tarfile.open(source, mode="r|")
-    else:
-        tar = tarfile.open(fileobj=source, mode="r|")
-    with tar:
-        key, files = None, {}
+def iter_tar(url: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(row, decoded sample) for each sample of one tar (a path or any URL webdataset opens)."""
+    import webdataset as wds
+    for raw in wds.DataPipeline(wds.SimpleShardList([str(url)]), wds.tarfile_to_samples()):
+        yield int(raw["__key__"]), decode_sample({k: v for k, v in raw.items() if not k.startswith("__")})
+
+
+def index_tar(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    """{sample key: {extension: (byte offset of the member's data, size)}} of an uncompressed tar.
+
+    Reads only the headers (the standard library's tarfile seeks over the data): the training
+    reader memory-maps the tar and copies slabs straight out of the .npy members."""
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    with tarfile.open(path, mode="r:") as tar:
         for member in tar:
-            if not member.isfile():
-                continue
-            k, _, ext = member.name.partition(".")
-            if k != key and key is not None:
-                yield int(key), decode_sample(files)
-                files = {}
-            key = k
-            files[ext] = tar.extractfile(member).read()
-        if key is not None:
-            yield int(key), decode_sample(files)
+            if member.isfile():
+                key, _, ext = member.name.partition(".")
+                out.setdefault(key, {})[ext] = (member.offset_data, member.size)
+    return out
 
 
 def stack_samples(index: int, start: int, stop: int, samples: list[tuple[int, dict]], specs: dict[str, dict]) -> Shard:

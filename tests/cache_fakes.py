@@ -1,8 +1,8 @@
 """A small in-memory `Source` for the cache tests, and a build entry point for subprocess tests.
 
-Not a test module by itself (it holds no tests); named test_cache_* so it sits with its tests.
+A helper, not a test module (it holds no tests).
 Run as a script to build a cache in a separate process (resume and multi-rank tests):
-    python tests/test_cache_fakes.py '{"out": "...", "n": 10, "format": "zarr", ...}'
+    python tests/cache_fakes.py '{"out": "...", "n": 10, "format": "zarr", ...}'
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -19,17 +20,30 @@ from spot_fast.data.base import BadImage, ValSample
 IMAGE_SIZE, MASK_SIZE = 32, 16   # the tiny preset's encoder resolution; small masks
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded torch for a test module: in-process builds compute the same bits as the
+    single-threaded subprocess builds they are compared with."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def fake_image(seed: int, index: int, size: int = IMAGE_SIZE) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 100_003 + index)
     return torch.randn(3, size, size, generator=g)
 
 
 class FakeSource:
-    """n random images; train: views (original, h-flipped); val: masks + JPEG. `bad` rows raise BadImage."""
+    """n random images; train: views (original, h-flipped); val: masks + JPEG. `bad` rows raise BadImage;
+    `scale` multiplies rows' pixels (NaN, or a huge factor that overflows fp16)."""
 
     def __init__(self, n: int = 10, split: str = "train", bad: tuple[int, ...] = (), seed: int = 0,
-                 image_size: int = IMAGE_SIZE, mask_size: int = MASK_SIZE, name: str = "fake"):
+                 image_size: int = IMAGE_SIZE, mask_size: int = MASK_SIZE, name: str = "fake",
+                 scale: dict[int, float] | None = None):
         self.n, self.split, self.bad, self.seed = n, split, set(bad), seed
+        self.scale = {int(k): v for k, v in (scale or {}).items()}
         self.image_size, self.mask_size, self.name = image_size, mask_size, name
 
     def __len__(self) -> int:
@@ -51,7 +65,7 @@ class FakeSource:
 
     def train_views(self, index: int) -> torch.Tensor:
         self._check(index)
-        x = fake_image(self.seed, index, self.image_size)
+        x = fake_image(self.seed, index, self.image_size) * self.scale.get(index, 1.0)
         return torch.stack([x, x.flip(-1)])                              # (2, 3, S, S)
 
     def val_sample(self, index: int) -> ValSample:
@@ -83,18 +97,23 @@ def tiny_encoder():
 
 
 def build_tiny(out, n: int = 10, split: str = "train", bad=(), batch_size: int = 3, num_workers: int = 0,
-               root: str = "/fake/data", **spec_kw):
+               root: str = "/fake/data", scale=None, **spec_kw):
     from spot_fast.cache import build_cache
-    source = FakeSource(n, split, bad=tuple(bad))
+    source = FakeSource(n, split, bad=tuple(bad), scale=scale)
     spec = tiny_spec(root, split, **spec_kw)
     return build_cache(source, tiny_encoder(), spec, out, batch_size=batch_size, num_workers=num_workers,
                        device="cpu", progress=False)
 
 
 def main(argv: list[str]) -> None:
+    from spot_fast.cache import CacheError
     torch.set_num_threads(1)    # bit-identical GEMMs whatever the process layout
     args = json.loads(argv[1])
-    result = build_tiny(args.pop("out"), **args)
+    try:
+        result = build_tiny(args.pop("out"), **args)
+    except CacheError as e:     # as the CLI does: one line, exit 1
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     print(json.dumps({"images_built": result.images_built, "resumed": result.shards_resumed,
                       "already": result.already_cached}))
 

@@ -1,0 +1,78 @@
+"""Batches onto the accelerator, overlapped with the step: non-blocking copies on a side stream, cast on the device.
+
+    for batch in device_batches(cache.train_reader(64, dtype=None), "cuda", torch.bfloat16):
+        step(batch)                      # features / split_tokens are bf16 CUDA tensors
+
+On CUDA, batch i+1 is copied (from pinned memory, on a side stream) and cast while the step of
+batch i runs; the step's stream waits for the copy by an event, never the host. On other devices
+it is a plain move + cast. Host buffers are released in the order TrainReader's ring expects: a
+host batch is not needed once its copy has finished, which is checked before the reader is asked
+for the batch that may overwrite it (two batches later).
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable, Iterator
+
+import torch
+
+TOKENS = ("features", "split_tokens")      # the entries cast to the compute dtype
+
+
+def _move(batch: dict, device: torch.device, dtype: torch.dtype, non_blocking: bool) -> dict:
+    """Every tensor of `batch` on `device` (tokens cast to `dtype` there); other entries as they are."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=non_blocking)
+            if k in TOKENS:
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def device_batches(batches: Iterable[dict], device: str | torch.device,
+                   dtype: torch.dtype = torch.float32) -> Iterator[dict]:
+    """`batches` with every tensor on `device` and the token tensors cast to `dtype` on the device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        for batch in batches:
+            yield _move(batch, device, dtype, non_blocking=False)
+        return
+    yield from _cuda_batches(iter(batches), device, dtype)
+
+
+def _cuda_batches(host: Iterator[dict], device: torch.device, dtype: torch.dtype) -> Iterator[dict]:
+    side = torch.cuda.Stream(device)
+    copies: deque[torch.cuda.Event] = deque()      # copy events of the last two host batches
+
+    def send(batch: dict) -> tuple[dict, torch.cuda.Event]:
+        with torch.cuda.stream(side):
+            out = _move(batch, device, dtype, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(side)
+        copies.append(event)
+        return out, event
+
+    try:
+        yield from _overlapped(host, send, copies, device)
+    finally:                                # host buffers may be reused once we return: copies done
+        for event in copies:
+            event.synchronize()
+
+
+def _overlapped(host: Iterator[dict], send, copies: deque, device: torch.device) -> Iterator[dict]:
+    nxt = next(host, None)
+    nxt = send(nxt) if nxt is not None else None
+    while nxt is not None:
+        out, event = nxt
+        main = torch.cuda.current_stream(device)
+        main.wait_event(event)
+        for v in out.values():
+            if isinstance(v, torch.Tensor):
+                v.record_stream(main)       # allocated on the side stream, used on the main one
+        if len(copies) == 2:                # the next host batch may overwrite the one before `out`
+            copies.popleft().synchronize()  # its copy finished a step ago: no wait in practice
+        batch = next(host, None)
+        nxt = send(batch) if batch is not None else None
+        yield out
