@@ -125,11 +125,12 @@ def test_matches_fp64_reference(B, H, N, K, S):
     check_step(*make_inputs(B, H, N, K, S))
 
 
-@pytest.mark.parametrize("spread", SPREADS)
-@pytest.mark.parametrize("B,H,N,K,S", [(2, 1, 150, 7, 64), (1, 2, 45, 11, 64), (1, 1, 130, 11, 256)])
+@pytest.mark.parametrize("spread", SPREADS[1:])
+@pytest.mark.parametrize("B,H,N,K,S", [(2, 1, 37, 7, 64), (1, 2, 45, 24, 64), (1, 1, 130, 11, 256)])
 def test_confident_slots(B, H, N, K, S, spread):
     """Large logits (nearly one-hot attention), where a backward that does not use the forward's
-    exact softmax loses accuracy (header of attention_step_triton.py)."""
+    exact softmax loses accuracy (header of attention_step_triton.py). Spread 3 is
+    `test_matches_fp64_reference`, which covers these shapes too."""
     check_step(*make_inputs(B, H, N, K, S, spread=spread))
 
 
