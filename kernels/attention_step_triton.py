@@ -33,20 +33,26 @@ which the program gets from the saved updates, so no first pass is needed:
 Why the backward reads p instead of recomputing it. With confident slots (p nearly one-hot, logits
 spread over tens) `p * (dp - sum_j p dp)` cancels almost exactly, so it is only as good as the
 identity sum_j p = 1 that the backward's p satisfies. A recomputed p = exp(k.q - lse) breaks it by
-about one ulp of the largest logit (~4e-6 at 60): the forward and backward products differ in their
-last bits (their BLOCK_N differ and autotune picks each on its own; tensor-core reduction orders
-follow the tile shape), and lse = max + log(sum) is itself rounded to an ulp of the max. Measured
-under the interpreter at a logit spread of 60, dk was 23x further from fp64 than PyTorch fp32's.
-Saving p makes the backward use exactly the forward's probabilities, whatever the configs: it costs
-writing and reading B*N*J fp32 (~1.4% of the k and v bytes at COCO, B=64 N=196 K=7 S=256) and it
-removes the backward's k.q product. Without gradients (eval) nothing is saved.
+about one ulp of the largest logit (~4e-6 at 60): the forward's and the backward's products differ
+in their last bits (their BLOCK_N differ and autotune picks each on its own; reduction orders follow
+the tile shape), and lse = max + log(sum) is itself rounded to an ulp of the max. Saving p makes
+the backward use exactly the forward's probabilities, whatever the configs: it costs writing and
+reading B*N*J fp32 (~1.4% of the k and v bytes at COCO, B=64 N=196 K=7 S=256) and removes the
+backward's k.q product. Without gradients (eval) nothing is saved.
 
-Precision: fp32 inputs use IEEE fp32 products (no TF32), so the kernel is as close to fp64 as the fp32
-~1e-6. bf16/fp16 inputs use tensor-core products with fp32 accumulation; softmax, sums and the
-saved updates stay fp32 ("fp32*" in the kernels' comments: fp32, or fp64 for fp64 inputs, which
-exist for gradcheck). Under TRITON_INTERPRET (the CPU tests) 16-bit operands are upcast to fp32,
-because the interpreter's 16-bit tl.dot is wrong, and fp32 -> bf16 stores are rounded to nearest
-by hand, because the interpreter truncates.
+Precision. fp32 inputs: IEEE fp32 products (no TF32), and the two long products, k.q (the logits)
+and v.du (the backward's dw), over the H*DH columns, take fp64 operands and sums (exact products
+of fp32 values), C_BLOCK columns at a time so that the fp64 tiles stay small; the logits are then
+rounded once to fp32. A 256-long fp32 running sum (what one tl.dot does on the interpreter, and an
+FMA dot on a GPU) is ~2.5x less accurate than PyTorch's blocked CPU matmul, and with confident
+slots the softmax passes that error on amplified; with the fp64 sums the kernel's error against
+fp64 stays at or below PyTorch fp32's (tests/test_kernel_attention_step.py). bf16/fp16 inputs:
+tensor-core products with fp32 accumulation. Softmax, sums, the saved p and the saved updates stay
+fp32 ("fp32*" in the kernels' comments: fp32, or fp64 for fp64 inputs, which exist for gradcheck).
+Under TRITON_INTERPRET (the CPU tests) 16-bit operands are upcast to fp32, because the
+interpreter's 16-bit tl.dot is wrong, and fp32 -> bf16 stores are rounded to nearest by hand,
+because the interpreter truncates. The fp64 products have not yet been timed on a GPU (sm_80 and
+sm_90 have fp64 tensor cores; elsewhere Triton uses fp64 FMAs).
 
 Limits: H*DH <= 256 and H*K <= 64 (register budget); other sizes fall back to the reference in the
 dispatcher (`supported`). Autotuning is on for GPUs (SPOT_FAST_AUTOTUNE=0 uses one fixed config).
@@ -71,7 +77,7 @@ MAX_WIDTH = 256         # H * d: one program holds a (BLOCK_N, H*d) block of k a
 MAX_JOINT = 64          # H * K: the joint softmax axis, padded to a power of two >= 16
 MIN_CHUNK = 64          # fewest patches one program walks (a multiple of every BLOCK_N)
 REDUCE_BLOCK = 1024     # elements per program in the split-reduction kernel
-C_BLOCK = tl.constexpr(16)  # columns per chunk of the long (H*DH) products, summed on their own
+C_BLOCK = tl.constexpr(16)  # columns per step of the long (H*DH) products: keeps their fp64 tiles small
 FP32_DOT = "ieee"       # fp32 products: "ieee" (exact) or "tf32x3"; env SPOT_FAST_FP32_DOT overrides
 
 
@@ -525,9 +531,8 @@ class SlotAttentionStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, k, q, v, return_attn: bool, eps: float):
+    def forward(ctx, k, q, v, return_attn: bool, save_p: bool, eps: float):
         fwd = _forward_op if torch.compiler.is_compiling() else _forward
-        save_p = any(ctx.needs_input_grad[:3])
         updates, updates_acc, vis, logits, colsum, p = fwd(k, q, v, return_attn, save_p, eps)
         ctx.save_for_backward(k, q, v, updates_acc if updates_acc.numel() else updates, colsum, p)
         ctx.eps = eps
@@ -543,7 +548,7 @@ class SlotAttentionStep(torch.autograd.Function):
             du = torch.zeros_like(updates_acc)
         bwd = _backward_op if torch.compiler.is_compiling() else _backward
         dk, dq, dv = bwd(k, q, v, updates_acc, colsum, p, du, dvis, dlogits, ctx.eps)
-        return dk, dq, dv, None, None
+        return dk, dq, dv, None, None, None
 
 
 def slot_attention_step_triton(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor,
@@ -558,4 +563,5 @@ def slot_attention_step_triton(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor
                          f"q {tuple(q.shape)} {q.dtype}, v {tuple(v.shape)} {v.dtype} (needs matching "
                          f"fp32/bf16/fp16/fp64, H*d <= {MAX_WIDTH}, H*K <= {MAX_JOINT}); use slot_attention_step, "
                          "which falls back to the reference")
-    return SlotAttentionStep.apply(k, q, v, return_attn, eps)
+    save_p = torch.is_grad_enabled() and (k.requires_grad or q.requires_grad or v.requires_grad)
+    return SlotAttentionStep.apply(k, q, v, return_attn, save_p, eps)

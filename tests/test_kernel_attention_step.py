@@ -153,13 +153,20 @@ def test_backward_does_not_depend_on_block_sizes(monkeypatch, fwd_block, bwd_blo
     check_step(*make_inputs(2, 1, 150, 7, 64, spread=100))
 
 
-def test_no_softmax_saved_without_gradients():
-    k, q, v = (t.detach() for t in make_inputs(2, 1, 37, 7, 64))
-    *_, p = sat._forward(k, q, v, return_attn=False, save_p=False)
-    assert p.numel() == 0
-    *_, p = sat._forward(k, q, v, return_attn=False, save_p=True)
+def test_softmax_saved_only_for_gradients(monkeypatch):
+    """The forward writes p (B, N, H*K) for the backward only when a gradient can be asked for."""
+    saved = []
+    real = sat._forward
+    monkeypatch.setattr(sat, "_forward", lambda *a, **kw: saved.append(a[4]) or real(*a, **kw))
+    k, q, v = make_inputs(2, 1, 37, 7, 64)
+    with torch.no_grad():
+        slot_attention_step_triton(k, q, v)
+    slot_attention_step_triton(k.detach(), q.detach(), v.detach())
+    slot_attention_step_triton(k, q, v)
+    assert saved == [False, False, True]
+    *_, p = real(k.detach(), q.detach(), v.detach(), False, True)
     assert p.shape == (2, 37, 7)
-    torch.testing.assert_close(p.sum(-1), torch.ones(2, 37), rtol=0, atol=1e-6)
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 37, device=p.device), rtol=0, atol=1e-6)
 
 
 def test_several_splits_are_exercised():
