@@ -73,7 +73,7 @@ from spot_fast.kernels.attention_step_ref import EPSILON, slot_attention_step_re
 
 __all__ = ["slot_attention_step_triton", "slot_attention_step_ref", "SlotAttentionStep", "supported"]
 
-MAX_WIDTH = 256         # H * d: one program holds a (BLOCK_N, H*d) block of k and of v
+MAX_WIDTH = 256         # H * DH: one program holds a (BLOCK_N, H*DH) block of k and of v
 MAX_JOINT = 64          # H * K: the joint softmax axis, padded to a power of two >= 16
 MIN_CHUNK = 64          # fewest patches one program walks (a multiple of every BLOCK_N)
 REDUCE_BLOCK = 1024     # elements per program in the split-reduction kernel
@@ -127,7 +127,7 @@ def _cast(x, DTYPE: tl.constexpr):
 @triton.jit
 def _mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
     """a @ b with the operands cast to DT: fp32 (PREC products) or 16-bit (tensor cores) give an
-    fp32 result; fp64 (gradcheck) gives fp64."""
+    fp32 result; fp64 (the long products of fp32 inputs, and fp64 inputs) gives fp64."""
     if DT == tl.float64:
         return tl.dot(a.to(DT), b.to(DT), out_dtype=tl.float64)
     elif DT == tl.float32:
@@ -139,7 +139,7 @@ def _mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def _joint_indices(H: tl.constexpr, K: tl.constexpr, DH: tl.constexpr, J_PAD: tl.constexpr,
                    C_PAD: tl.constexpr):
-    """Index vectors over the joint axes: j = (head, slot) < H*K and c = (head, feature) < H*d, and
+    """Index vectors over the joint axes: j = (head, slot) < H*K and c = (head, feature) < H*DH, and
     the (C_PAD, J_PAD) mask of the block diagonal, where c and j belong to the same head."""
     jj = tl.arange(0, J_PAD)
     cc = tl.arange(0, C_PAD)
@@ -352,10 +352,11 @@ def _sum_splits_kernel(
 
 
 # Launch configs (BLOCK_N, num_warps, num_stages), picked by compiling for sm_90 without a GPU
-# (ptxas register and spill counts at the benchmark shapes, fp32 and bf16): the backward holds about
-# twice the forward's live tiles; in fp32 it needs BLOCK_N = 16 and 8 warps not to spill at K = 7,
-# and spills a little at K = 24 whatever the config. The interpreter (which rejects several configs)
-# and SPOT_FAST_AUTOTUNE=0 use the defaults; GPUs autotune over the lists.
+# (ptxas register and spill counts at the benchmark shapes, fp32 and bf16: attention_step_registers.py):
+# the backward holds about twice the forward's live tiles; in fp32 it needs BLOCK_N = 16 and 8 warps
+# not to spill at K = 7 (176 registers), and spills ~100 bytes at K = 24 whatever the config. The
+# forward (k read C_BLOCK columns at a time) needs 128 registers at K = 7. The interpreter (which
+# rejects several configs) and SPOT_FAST_AUTOTUNE=0 use the defaults; GPUs autotune over the lists.
 _FWD_DEFAULT, _BWD_DEFAULT = (32, 8, 1), (16, 8, 1)
 _FWD_CONFIGS = [(16, 8, 1), (16, 8, 2), (32, 8, 1), (32, 4, 1), (64, 8, 1)]
 _BWD_CONFIGS = [(16, 8, 1), (16, 8, 2), (32, 8, 1)]
@@ -405,12 +406,12 @@ def supported(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel handles these inputs (else the dispatcher uses the reference)."""
     if k.dim() != 4 or q.dim() != 4 or v.shape != k.shape:
         return False
-    B, H, N, d = k.shape
-    if q.shape[0] != B or q.shape[1] != H or q.shape[3] != d or N == 0 or q.shape[2] == 0:
+    B, H, N, DH = k.shape
+    if q.shape[0] != B or q.shape[1] != H or q.shape[3] != DH or N == 0 or q.shape[2] == 0:
         return False
     if not (k.dtype == q.dtype == v.dtype) or k.dtype not in _TL_DTYPES:
         return False
-    return H * d <= MAX_WIDTH and H * q.shape[2] <= MAX_JOINT and k.device == q.device == v.device
+    return H * DH <= MAX_WIDTH and H * q.shape[2] <= MAX_JOINT and k.device == q.device == v.device
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -555,13 +556,13 @@ def slot_attention_step_triton(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor
                                return_attn: bool = False, eps: float = EPSILON):
     """Same signature and results as `slot_attention_step_ref`, computed by the fused kernels.
 
-    k, v: (B, H, N, DH), k already scaled by d^-0.5; q: (B, H, K, DH). Returns (updates (B, H, K, DH),
+    k, v: (B, H, N, DH), k already scaled by DH^-0.5; q: (B, H, K, DH). Returns (updates (B, H, K, DH),
     attn_vis (B, N, K) or None, logits (B, H, N, K) or None).
     """
     if not supported(k, q, v):
         raise ValueError(f"slot_attention_step_triton: unsupported inputs k {tuple(k.shape)} {k.dtype}, "
                          f"q {tuple(q.shape)} {q.dtype}, v {tuple(v.shape)} {v.dtype} (needs matching "
-                         f"fp32/bf16/fp16/fp64, H*d <= {MAX_WIDTH}, H*K <= {MAX_JOINT}); use slot_attention_step, "
+                         f"fp32/bf16/fp16/fp64, H*head_dim <= {MAX_WIDTH}, H*K <= {MAX_JOINT}); use slot_attention_step, "
                          "which falls back to the reference")
     save_p = torch.is_grad_enabled() and (k.requires_grad or q.requires_grad or v.requires_grad)
     return SlotAttentionStep.apply(k, q, v, return_attn, save_p, eps)
