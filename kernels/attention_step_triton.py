@@ -40,16 +40,19 @@ the backward use exactly the forward's probabilities, whatever the configs: it c
 reading B*N*J fp32 (~1.4% of the k and v bytes at COCO, B=64 N=196 K=7 S=256) and removes the
 backward's k.q product. Without gradients (eval) nothing is saved.
 
-Precision. fp32 inputs: IEEE fp32 products (no TF32), and the two long products, k.q (the logits)
-and v.du (the backward's dw), over the H*DH columns, take fp64 operands and sums (exact products
-of fp32 values), C_BLOCK columns at a time so that the fp64 tiles stay small; the logits are then
-rounded once to fp32. A 256-long fp32 running sum (what one tl.dot does on the interpreter, and an
-FMA dot on a GPU) is ~2.5x less accurate than PyTorch's blocked CPU matmul, and with confident
-slots the softmax passes that error on amplified; with the fp64 sums the kernel's error against
-fp64 stays at or below PyTorch fp32's (tests/test_kernel_attention_step.py). bf16/fp16 inputs:
-tensor-core products with fp32 accumulation. Softmax, sums, the saved p and the saved updates stay
-fp32 ("fp32*" in the kernels' comments: fp32, or fp64 for fp64 inputs, which exist for gradcheck).
-Under TRITON_INTERPRET (the CPU tests) 16-bit operands are upcast to fp32, because the
+Precision. fp32 inputs: IEEE fp32 products (no TF32), except three that take fp64 operands and
+sums (products of fp32 values are exact in fp64) and are rounded once to fp32 afterwards:
+  - the logits k.q and the backward's dw = v.du, long (H*DH) products, C_BLOCK columns at a time
+    so that the fp64 tiles stay small. A 256-long fp32 running sum (one tl.dot on the interpreter,
+    an FMA dot on a GPU) is ~2.5x less accurate than PyTorch's blocked CPU matmul, and confident
+    slots pass that error on amplified;
+  - the updates' sums acc and c. The backward's g = du . u divides by c, and for a slot that no
+    patch attends to (c ~ N * eps) any fp32-accumulated u makes dk and dq several times less
+    accurate than PyTorch's, which sums dw * w over the patches instead; a u rounded once is fine.
+With these the kernel's error against fp64 stays at or below PyTorch fp32's
+(tests/test_kernel_attention_step.py). bf16/fp16 inputs: tensor-core products with fp32
+accumulation. Softmax, the saved p and the saved updates stay fp32 ("fp32*" in the kernels'
+comments: fp32, or fp64 for fp64 inputs, which exist for gradcheck). Under TRITON_INTERPRET (the CPU tests) 16-bit operands are upcast to fp32, because the
 interpreter's 16-bit tl.dot is wrong, and fp32 -> bf16 stores are rounded to nearest by hand,
 because the interpreter truncates. The fp64 products have not yet been timed on a GPU (sm_80 and
 sm_90 have fp64 tensor cores; elsewhere Triton uses fp64 FMAs).
@@ -191,7 +194,7 @@ def _row_dots(x_ptr, b, sxb, sxh, sxn, sxd, nn, n_ok, y_ptr, syb, syh, syk, syd,
 @triton.jit
 def _fwd_kernel(
     k_ptr, q_ptr, v_ptr,                    # (B, H, N, DH), (B, H, K, DH), (B, H, N, DH), any strides
-    acc_ptr, col_ptr,                       # fp32* (B, n_splits, J, DH), (B, n_splits, J)
+    acc_ptr, col_ptr,                       # WIDE_ACC (B, n_splits, J, DH), (B, n_splits, J)
     p_ptr,                                  # fp32* (B, N, J): the joint softmax, if SAVE_P
     vis_ptr, logits_ptr,                    # (B, N, K), (B, H, N, K) contiguous, if RETURN_ATTN
     N, chunk,
@@ -210,9 +213,9 @@ def _fwd_kernel(
     jj, head_j, slot_j, j_ok, head_c, dim_c, c_ok, diag = _joint_indices(H, K, DH, J_PAD, C_PAD)
     v_cols = head_c * svh + dim_c * svd
 
-    ACC = acc_ptr.dtype.element_ty          # fp32 (fp64 for fp64 inputs)
-    acc = tl.zeros((J_PAD, C_PAD), dtype=ACC)
-    col = tl.zeros((J_PAD,), dtype=ACC)
+    ACC = p_ptr.dtype.element_ty            # fp32 (fp64 for fp64 inputs): logits, softmax
+    acc = tl.zeros((J_PAD, C_PAD), dtype=WIDE_ACC)                              # see header
+    col = tl.zeros((J_PAD,), dtype=WIDE_ACC)
     n_start = split * chunk
     n_end = tl.minimum(n_start + chunk, N)
     for n0 in range(n_start, n_end, BLOCK_N):
@@ -231,8 +234,8 @@ def _fwd_kernel(
         if SAVE_P:                                                # for the backward (see header)
             tl.store(p_ptr + (b * N + nn[:, None]) * J + jj[None, :], p, mask=nj_ok)
         a = tl.where(nj_ok, p + EPS, 0.0)
-        col += tl.sum(a, axis=0)
-        acc += _mm(tl.trans(a), v_blk, DT, PREC)                                 # (J_PAD, C_PAD)
+        col += tl.sum(a.to(WIDE_ACC), axis=0)
+        acc += _mm(tl.trans(a), v_blk, WIDE_DT, PREC)                            # (J_PAD, C_PAD)
         if RETURN_ATTN:
             tl.store(logits_ptr + ((b * H + head_j[None, :]) * N + nn[:, None]) * K + slot_j[None, :],
                      _cast(logits, logits_ptr.dtype.element_ty), mask=nj_ok)
@@ -345,18 +348,19 @@ def _sum_splits_kernel(
         for s in range(n_splits):
             col += tl.load(col_part_ptr + (b * n_splits + s) * J + j, mask=ok, other=1.0)
         total = total / col
-        tl.store(col_out_ptr + b * J + j, col, mask=ok & (e % DH == 0))
+        tl.store(col_out_ptr + b * J + j, col.to(col_out_ptr.dtype.element_ty), mask=ok & (e % DH == 0))
     tl.store(out_ptr + b * E + e, _cast(total, out_ptr.dtype.element_ty), mask=ok)
     if WRITE32:
-        tl.store(out32_ptr + b * E + e, total, mask=ok)
+        tl.store(out32_ptr + b * E + e, total.to(out32_ptr.dtype.element_ty), mask=ok)
 
 
 # Launch configs (BLOCK_N, num_warps, num_stages), picked by compiling for sm_90 without a GPU
 # (ptxas register and spill counts at the benchmark shapes, fp32 and bf16: attention_step_registers.py):
 # the backward holds about twice the forward's live tiles; in fp32 it needs BLOCK_N = 16 and 8 warps
 # not to spill at K = 7 (176 registers), and spills ~100 bytes at K = 24 whatever the config. The
-# forward (k read C_BLOCK columns at a time) needs 128 registers at K = 7. The interpreter (which
-# rejects several configs) and SPOT_FAST_AUTOTUNE=0 use the defaults; GPUs autotune over the lists.
+# forward (fp64 update sums; k read C_BLOCK columns at a time) needs 180 registers at K = 7 and 199
+# at K = 24 with its default, without spills. The interpreter (which rejects several configs) and
+# SPOT_FAST_AUTOTUNE=0 use the defaults; GPUs autotune over the lists.
 _FWD_DEFAULT, _BWD_DEFAULT = (32, 8, 1), (16, 8, 1)
 _FWD_CONFIGS = [(16, 8, 1), (16, 8, 2), (32, 8, 1), (32, 4, 1), (64, 8, 1)]
 _BWD_CONFIGS = [(16, 8, 1), (16, 8, 2), (32, 8, 1)]
@@ -456,13 +460,15 @@ def _forward(k, q, v, return_attn: bool, save_p: bool, eps: float = EPSILON):
     J, E = H * K, H * K * DH
     chunk, n_splits = _split(B, N, k.device)
     out = updates, updates_acc, vis, logits, colsum, p = _forward_outputs(k, q, return_attn, save_p)
-    acc_part = torch.empty((B, n_splits, J, DH), dtype=colsum.dtype, device=k.device)
-    col_part = torch.empty((B, n_splits, J), dtype=colsum.dtype, device=k.device)
+    dots = _dot_args(k)
+    wide = torch.float64 if dots["WIDE_ACC"] == tl.float64 else torch.float32
+    acc_part = torch.empty((B, n_splits, J, DH), dtype=wide, device=k.device)
+    col_part = torch.empty((B, n_splits, J), dtype=wide, device=k.device)
     _launch(_fwd_kernel, _fwd_tuned, _FWD_DEFAULT, (B, n_splits),
             k, q, v, acc_part, col_part, p, vis, logits, N, chunk,
             *k.stride(), *q.stride(), *v.stride(),
             H=H, K=K, DH=DH, J_PAD=_pad(J), C_PAD=_pad(H * DH), K_PAD=_pad(K),
-            RETURN_ATTN=return_attn, SAVE_P=save_p, EPS=eps, **_dot_args(k))
+            RETURN_ATTN=return_attn, SAVE_P=save_p, EPS=eps, **dots)
     write_acc = updates_acc.numel() > 0
     _sum_splits_kernel[(B, _cdiv(E, REDUCE_BLOCK))](
         acc_part, col_part, updates, updates_acc if write_acc else updates, colsum, n_splits, E, J,
