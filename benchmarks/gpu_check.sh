@@ -34,7 +34,7 @@ $PY -c 'import pytest' || echo "pytest missing: the test steps below will fail"
 # GPU-marked tests first (bf16 on tensor cores, autotuning at benchmark shapes, CUDA graphs,
 # inductor), then the rest of the file, which runs on CUDA too now that the interpreter is off.
 timeout 180 $PY -m pytest -q -p no:cacheprovider -m gpu -rs ${OUT:+--junitxml=$OUT/kernel_tests_gpu.xml} tests/test_kernel_attention_step.py
-timeout 120 $PY -m pytest -q -p no:cacheprovider -m "not gpu" ${OUT:+--junitxml=$OUT/kernel_tests_cuda.xml} tests/test_kernel_attention_step.py
+timeout 120 $PY -m pytest -q -p no:cacheprovider -m "not gpu and not slow" ${OUT:+--junitxml=$OUT/kernel_tests_cuda.xml} tests/test_kernel_attention_step.py
 
 # The benchmark: fp32 (SPOT trains in fp32) at the three shapes plus the whole loop; it saves JSON
 # after the step table, so a timeout in the loop part still leaves the step figures.
