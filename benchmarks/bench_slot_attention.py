@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from spot_fast.benchinfo import hardware, result_path, save_result, versions
-from spot_fast.kernels.slot_attention import slot_attention_step_ref
+from spot_fast.kernels.attention_step_ref import slot_attention_step_ref
 
 ITERATIONS = 3
 
@@ -123,7 +123,7 @@ class SlotLoop(nn.Module):
 
 def loop_runners(shape: Shape, dtype, device) -> dict:
     """Zero-argument forward+backward callables for each loop variant (same weights and inputs)."""
-    from spot_fast.kernels.slot_attention_triton import slot_attention_step_triton
+    from spot_fast.kernels.attention_step_triton import slot_attention_step_triton
 
     (k, _, v), _ = step_inputs(shape, dtype, device)
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -176,7 +176,7 @@ def time_cpu(fn, reps: int = 20) -> float:
 
 
 def bench_steps(shapes, dtype, compile_: bool, device="cuda", timer=None) -> list[dict]:
-    from spot_fast.kernels.slot_attention_triton import slot_attention_step_triton
+    from spot_fast.kernels.attention_step_triton import slot_attention_step_triton
 
     rows = []
     for name in shapes:
@@ -247,7 +247,7 @@ def cpu_run(dtype) -> dict:
     print(f"CPU eager reference (1 thread), shape tiny {asdict(shape)}, {ITERATIONS} iterations: "
           f"forward {fwd:.3f} ms, forward+backward {both:.3f} ms")
     result = {"cpu_eager_ms": {"fwd": fwd, "fwd+bwd": both}, "kernel_check": None}
-    from spot_fast.kernels import slot_attention_triton as sat
+    from spot_fast.kernels import attention_step_triton as sat
     if sat.INTERPRETING:
         ours = step_runner(lambda *a: three_iterations(sat.slot_attention_step_triton, *a), inputs, grads, True)()
         ref = step_runner(lambda *a: three_iterations(slot_attention_step_ref, *a), inputs, grads, True)()

@@ -23,26 +23,26 @@ $PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.ve
 # spot-fast itself: an editable install without fetching anything; if pip cannot, links inside this
 # (throwaway) checkout, since the package maps kernels/ and cli/ into spot_fast/ and the repo root
 # comes first on sys.path for `python -m`.
-if ! $PY -c 'import spot_fast.kernels.slot_attention' 2>/dev/null; then
+if ! $PY -c 'import spot_fast.kernels.attention_step' 2>/dev/null; then
     $PY -m pip install -q -e . --no-deps --no-build-isolation \
     || { [ -e spot_fast/kernels ] || ln -s ../kernels spot_fast/kernels; \
          [ -e spot_fast/cli ] || ln -s ../cli spot_fast/cli; }
 fi
-$PY -c 'import spot_fast.kernels.slot_attention_triton as m; print("kernel module", m.__file__)' || exit 1
+$PY -c 'import spot_fast.kernels.attention_step_triton as m; print("kernel module", m.__file__)' || exit 1
 $PY -c 'import pytest' || echo "pytest missing: the test steps below will fail"
 
 # GPU-marked tests first (bf16 on tensor cores, autotuning at benchmark shapes, CUDA graphs,
 # inductor), then the rest of the file, which runs on CUDA too now that the interpreter is off.
-timeout 120 $PY -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_kernel_slot_attention.py
-timeout 120 $PY -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_kernel_slot_attention.py
+timeout 180 $PY -m pytest -q -p no:cacheprovider -m gpu -rs ${OUT:+--junitxml=$OUT/kernel_tests_gpu.xml} tests/test_kernel_attention_step.py
+timeout 120 $PY -m pytest -q -p no:cacheprovider -m "not gpu and not slow" ${OUT:+--junitxml=$OUT/kernel_tests_cuda.xml} tests/test_kernel_attention_step.py
 
 # The benchmark: fp32 (SPOT trains in fp32) at the three shapes plus the whole loop; it saves JSON
 # after the step table, so a timeout in the loop part still leaves the step figures.
-timeout 240 $PY benchmarks/bench_slot_attention.py --save
+timeout 200 $PY benchmarks/bench_slot_attention.py --save
 timeout 60 $PY benchmarks/bench_slot_attention.py --dtype bf16 --shapes coco --no-loop --save
 
 if [ -f benchmarks/bench_cache.py ]; then
-    timeout 50 $PY benchmarks/bench_cache.py --images 500 --no-cold --save
+    timeout 30 $PY benchmarks/bench_cache.py --images 500 --no-cold --save
 fi
 set +x
 echo "gpu_check done"

@@ -95,7 +95,7 @@ class SlotAttentionConfig:
     num_heads: int = 1          # heads of the joint (heads x slots) softmax; SPOT uses 1
     init: str = "shared_gaussian"   # "shared_gaussian" | "embedding"
     truncate: str = "none"          # "bi-level" | "fixed-point" | "none"
-    use_kernel: bool = True     # use the fused Triton iteration when CUDA+Triton are present
+    use_kernel: bool = False    # opt-in: the fused Triton step on CUDA (not yet proven on a GPU)
 
     def __post_init__(self):
         if self.init not in ("shared_gaussian", "embedding"):

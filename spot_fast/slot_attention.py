@@ -1,7 +1,7 @@
 """Slot Attention encoder (spec section 2): feature MLP, slot init, T iterations with truncation.
 
-The attention step of each iteration is `spot_fast.kernels.slot_attention.slot_attention_step`:
-the fused Triton kernel on CUDA, the plain PyTorch reference elsewhere (same maths, same results).
+The attention step of each iteration is `spot_fast.kernels.attention_step.slot_attention_step`:
+the plain PyTorch reference, or the fused Triton kernel on CUDA when `use_kernel` is set (opt-in).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from spot_fast.config import SlotAttentionConfig
-from spot_fast.kernels.slot_attention import slot_attention_step
+from spot_fast.kernels.attention_step import slot_attention_step
 from spot_fast.layers import gru_cell, linear, mlp
 
 
