@@ -48,8 +48,8 @@ def open_source(name: str, root: str | Path, split: str, image_size: int = 224,
 def check_readable(source: Source, samples: int = 8) -> None:
     """Decode up to `samples` images spread over `source`; a `DatasetError` when none of them can
     be read (a folder of non-images, the wrong root), so that nothing empty is cached."""
-    n = len(source)
-    picks = sorted({round(i * (n - 1) / max(samples - 1, 1)) for i in range(min(samples, n))})
+    n, k = len(source), min(samples, len(source))
+    picks = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})     # spread evenly
     reasons = []
     for i in picks:
         try:
