@@ -19,7 +19,8 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def root(
-    debug: bool = typer.Option(False, "--debug", metavar="", help="Show the traceback of errors (also: SPOT_FAST_DEBUG=1)."),
+    debug: bool = typer.Option(False, "--debug", metavar="",
+                               help="Show the traceback of errors (also: SPOT_FAST_DEBUG=1)."),
     version: bool = typer.Option(False, "--version", metavar="", callback=_print_version, is_eager=True,
                                  help="Print the spot-fast version and exit."),
 ):

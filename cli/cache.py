@@ -223,8 +223,9 @@ def _make_build_command(dataset: str):
                                                  "multiple of the patch size (default 224)."),
         weights: Optional[Path] = typer.Option(None, help="Encoder weights file (default: the local HF / "
                                                "torch-hub cache)."),
-        random_init: bool = typer.Option(False, "--random-init", metavar="", help="Random weights (tests/demo; the "
-                                         "cache is marked random-init and refused by training by default)."),
+        random_init: bool = typer.Option(False, "--random-init", metavar="",
+                                         help="Random weights (tests/demo; the cache is marked random-init "
+                                         "and refused by training by default)."),
         seed: int = typer.Option(0, callback=at_least(0), help="Seed of --random-init (>= 0)."),
         format: str = typer.Option("zarr", "--format", help="zarr | wds"),
         split_block: Optional[int] = typer.Option(None, callback=at_least(0), help="Also store the tokens "
@@ -232,7 +233,8 @@ def _make_build_command(dataset: str):
                                                   "SPOT: 8)."),
         dtype: str = typer.Option("fp16", help="Token storage: fp16 | bf16 | fp32."),
         compress: Optional[str] = typer.Option(None, help="zarr compression: zstd or zstd:<level>."),
-        chunk_images: int = typer.Option(64, callback=at_least(1), help="Images per shard (zarr chunk / tar), >= 1."),
+        chunk_images: int = typer.Option(64, callback=at_least(1),
+                                         help="Images per shard (zarr chunk / tar), >= 1."),
         mask_size: int = typer.Option(320, callback=at_least(1), help="Ground-truth mask resolution (val), >= 1."),
         mask_dtype: str = typer.Option("uint8", help="Mask storage: uint8 | int16."),
         batch_size: int = typer.Option(64, callback=at_least(1), help="Images per encoder forward, >= 1."),
@@ -267,9 +269,9 @@ def _size(path: Path) -> str:
 def _views_row(m: dict) -> str:
     """Views stored per image and how they were made (a val cache stores the first view only)."""
     spec = m["views_spec"]
-    rule = {k: v for k, v in spec.items() if k not in ("source", "split", "image_size", "num_views", "ground_truth")}
+    shown = {k: v for k, v in spec.items() if k in ("views", "rule", "num_crops", "seed", "frames_per_clip")}
     note = "  (val: the first view only)" if spec.get("num_views", m["views"]) != m["views"] else ""
-    return f"{m['views']}{note}  {rule}"
+    return f"{m['views']}{note}  {shown}"
 
 
 def _ground_truth_note(spec: dict) -> str:

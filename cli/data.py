@@ -24,8 +24,9 @@ def synthetic(
     image_size: int = typer.Option(96, callback=at_least(16), help="Shorter image side in pixels, >= 16 (the "
                                    "longer side is 4/3 of it)."),
     seed: int = typer.Option(0, callback=at_least(0), help="Random seed; the dataset is a pure function of it."),
-    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace the synthetic dataset already in --out "
-                                   "(it is replaced only once the new one is complete)."),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="",
+                                   help="Replace the synthetic dataset already in --out (only once the new "
+                                   "one is complete)."),
 ):
     """Write a small procedural multi-object dataset in COCO format."""
     from rich.progress import Progress
