@@ -124,7 +124,6 @@ def _build(dataset: str, root: Path, split: str, out: Path | None, preset_name: 
            autocast: str | None, options: list[str], progress: bool) -> None:
     from spot_fast.cache import CacheSpec
     from spot_fast.cache.build import default_device, ranks_from_env
-    from spot_fast.cache.paths import dataset_fingerprint
     from spot_fast.encoders import resolve_weights
 
     if num_workers is None:
@@ -139,8 +138,7 @@ def _build(dataset: str, root: Path, split: str, out: Path | None, preset_name: 
         for name in splits:
             spec = CacheSpec(dataset, str(root), name, cfg, resolved[1], split_block=split_block, dtype=dtype,
                              format=fmt, chunk_images=chunk_images, compression=compress, mask_size=mask_size,
-                             mask_dtype=mask_dtype, autocast=autocast, source_options=source_options,
-                             content=dataset_fingerprint(dataset, root, name))
+                             mask_dtype=mask_dtype, autocast=autocast, source_options=source_options)
             path = spec.default_path() if out is None else (out / name if split == "both" else out)
             _build_split(spec, path, resolved, seed, batch_size, num_workers, dev, progress)
     finally:

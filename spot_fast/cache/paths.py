@@ -55,11 +55,14 @@ class CacheSpec:
     mask_dtype: str = "uint8"       # instance/class mask storage: uint8 | int16
     autocast: str | None = None     # run the encoder under torch.autocast: None | "bf16" | "fp16"
     source_options: dict = field(default_factory=dict)  # extra keyword options of open_source
-    content: str | None = None      # dataset_fingerprint of the split's files (None: not keyed on them)
+    content: str | None = None      # dataset_fingerprint of the split's files; None: computed for the
+                                    # known datasets (open_source names), else not keyed on the files
 
     def __post_init__(self):
         self.root = str(Path(self.root).expanduser().resolve())
         self.validate()
+        if self.content is None and self.dataset in SOURCES:
+            self.content = dataset_fingerprint(self.dataset, self.root, self.split)
 
     def validate(self) -> None:
         checks = [
