@@ -73,13 +73,15 @@ def coco_masks(annotations: list[dict], height: int, width: int) -> tuple[np.nda
 
 
 def load_coco_index(ann_file: Path) -> COCO:
-    """pycocotools' index of `ann_file` (its progress prints silenced); bad JSON -> DatasetError."""
+    """pycocotools' index of `ann_file` (its progress prints silenced); a file it cannot index
+    (bad JSON, a list, entries without their keys: it asserts and raises KeyError) -> DatasetError."""
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return COCO(str(ann_file))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise DatasetError(f"{ann_file}: not a COCO annotation file ({err}). "
-                           "Re-download or regenerate it.") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, AssertionError) as err:
+        reason = f"an entry has no {err} key" if isinstance(err, KeyError) else str(err)
+        raise DatasetError(f"{ann_file}: not a COCO annotation file ({reason}). "
+                           "Re-download or regenerate it.") from None
 
 
 def rle_string_counts(counts: str | bytes) -> list[int] | None:
@@ -120,6 +122,15 @@ def segmentation_problem(segmentation, height: int, width: int) -> str | None:
     except Exception as err:    # pycocotools raises bare Exception, IndexError, TypeError, ValueError
         return f"polygons pycocotools cannot read ({err or type(err).__name__}): expected [[x1, y1, x2, y2, ...]]"
     return None
+
+
+def check_images(coco: COCO, ann_file: Path) -> None:
+    """Every image entry names its file and its integer height and width; else a `DatasetError`."""
+    for image_id, meta in coco.imgs.items():
+        if not isinstance(meta.get("file_name"), str) or not all(
+                isinstance(meta.get(k), int) and meta[k] > 0 for k in ("height", "width")):
+            raise DatasetError(f"{ann_file}: image id {image_id} lacks a 'file_name' or a positive integer "
+                               "'height' and 'width'. Fix that entry, or use the original COCO file.")
 
 
 def check_annotations(coco: COCO, ann_file: Path) -> None:
@@ -182,6 +193,7 @@ class CocoSource:
                                f"{self.root / 'images' / f'{self.split}2017'}. {fix}")
         self.coco = load_coco_index(require_file(self.ann_file, f"{name} annotation file", fix))
         self.ids = list(self.coco.imgs.keys())
+        check_images(self.coco, self.ann_file)
         self.warnings: list[str] = []
         if self.split == "val":
             check_annotations(self.coco, self.ann_file)
