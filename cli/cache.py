@@ -267,9 +267,11 @@ def _size(path: Path) -> str:
 def _views_row(m: dict) -> str:
     """Views stored per image and how they were made (a val cache stores the first view only)."""
     spec = m["views_spec"]
-    shown = {k: v for k, v in spec.items() if k in ("views", "rule", "num_crops", "seed", "frames_per_clip")}
-    note = "  (val: the first view only)" if spec.get("num_views", m["views"]) != m["views"] else ""
-    return f"{m['views']}{note}  {shown}"
+    names = spec.get("views", "")
+    names = ", ".join(names) if isinstance(names, list) else names
+    extra = "".join(f"; {k} {spec[k]}" for k in ("num_crops", "seed", "frames_per_clip") if k in spec)
+    note = " (val: the first view only)" if spec.get("num_views", m["views"]) != m["views"] else ""
+    return f"{m['views']}{note}: {names}{extra}; {spec.get('rule', '')}"
 
 
 def _ground_truth_note(spec: dict) -> str:
