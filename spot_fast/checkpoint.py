@@ -96,12 +96,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def _unwrap(ckpt) -> dict[str, torch.Tensor]:
+    what = "a reference checkpoint"
     if isinstance(ckpt, (str, os.PathLike)):
-        ckpt = read_checkpoint(ckpt)
+        what, ckpt = f"reference checkpoint {ckpt}", read_checkpoint(ckpt)
     state = ckpt["model"] if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) else ckpt
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointMismatch(f"a reference checkpoint is a state dict of tensors (or a dict holding one as "
-                                 f"'model'), got a {type(state).__name__}"
+        raise CheckpointMismatch(f"{what} should be a state dict of tensors (or a dict holding one as 'model'), "
+                                 f"got a {type(state).__name__}"
                                  + (" with non-tensor values" if isinstance(state, dict) else ""))
     return {("dec." + k[len("tf_dec."):] if k.startswith("tf_dec.") else k): v for k, v in state.items()}
 
