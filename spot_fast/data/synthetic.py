@@ -280,8 +280,11 @@ def write_synthetic(out: str | Path, config: SyntheticConfig | None = None,
     try:
         train = write_split(staging, "train", config.num_train, config, on_image)
         val = write_split(staging, "val", config.num_val, config, on_image)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise DatasetError(f"cannot write --out {out} ({err.strerror or err}: {err.filename}): pass a "
+                               "writable folder with free space") from None
         raise
     if out.is_dir():
         shutil.rmtree(out)
