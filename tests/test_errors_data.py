@@ -15,8 +15,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from error_checks import assert_user_error, cli, flat, tree_digest  # noqa: E402
 
-from spot_fast.cache import read_manifest  # noqa: E402
-from spot_fast.cache.paths import dataset_fingerprint  # noqa: E402
+from spot_fast.cache import CacheError, CacheSpec, read_manifest  # noqa: E402
+from spot_fast.cache.paths import check_existing, dataset_fingerprint  # noqa: E402
+from spot_fast.config import preset  # noqa: E402
 from spot_fast.data.base import DatasetError  # noqa: E402
 from spot_fast.data.coco import CocoSource  # noqa: E402
 from spot_fast.data.synthetic import SyntheticConfig, write_synthetic  # noqa: E402
@@ -198,7 +199,7 @@ def test_a_regenerated_dataset_is_not_already_cached(tmp_path, monkeypatch):
     kept = tree_digest(out)
     write_synthetic(root, SyntheticConfig(num_train=4, num_val=2, image_size=32), overwrite=True)
     res = cli(*build, "--out", out)                                   # same --out: refused, says why
-    assert_user_error(res, str(out), "dataset's files changed", "delete it")
+    assert_user_error(res, str(out), "same settings, but the dataset's files under", "changed", "delete it")
     assert tree_digest(out) == kept
     res = cli(*build)                                                  # default place: a new cache
     assert res.exit_code == 0 and "already cached" not in res.output and "cached 4 images" in res.output, res.output
@@ -212,6 +213,17 @@ def test_a_mismatched_existing_cache_names_the_settings_that_differ(synth, tmp_p
     res = cli(*build, "--dtype", "fp32", "--chunk-images", "3")
     assert_user_error(res, "--dtype: 'fp16' -> 'fp32'", "--chunk-images: 2 -> 3", "another --out")
     assert tree_digest(out) == kept and cli("cache", "verify", out).exit_code == 0
+
+
+def test_an_unfinished_build_of_other_files_is_named(synth, tmp_path):
+    spec = CacheSpec("synthetic", synth, "train", preset("tiny").encoder, "random-init:0")
+    out = tmp_path / "c"
+    out.mkdir()
+    state = {"content_key": "0" * 64, "spec": {**spec.to_dict(), "content": "0" * 64}, "prepared": True}
+    (out / ".build.json").write_text(json.dumps(state))
+    with pytest.raises(CacheError, match=r"an unfinished build of other settings \(the dataset's files \(images"):
+        check_existing(spec, out)
+    check_existing(spec, tmp_path / "elsewhere")                       # nothing there: nothing to refuse
 
 
 # ------------------------------------------------------------------- issue 7: no import cycle

@@ -132,8 +132,7 @@ def dataset_fingerprint(dataset: str, root: str | os.PathLike, split: str) -> st
 _OPTION_NAMES = {"dataset": "dataset", "root": "--root", "split": "--split", "weights_id": "weights",
                  "split_block": "--split-block", "dtype": "--dtype", "format": "--format",
                  "chunk_images": "--chunk-images", "compression": "--compress", "mask_size": "--mask-size",
-                 "mask_dtype": "--mask-dtype", "autocast": "--autocast", "source_options": "-o options",
-                 "content": "dataset files (images/annotations added, removed or modified)"}
+                 "mask_dtype": "--mask-dtype", "autocast": "--autocast", "source_options": "-o options"}
 
 
 def _recorded_spec(manifest: dict) -> dict:
@@ -154,6 +153,8 @@ def differences(spec: CacheSpec, recorded: dict) -> list[str]:
         if name == "encoder":
             out += [f"encoder {k}: {v!r} -> {asked[name].get(k)!r}" for k, v in value.items()
                     if asked[name].get(k) != v]
+        elif name == "content" and asked[name] != value:
+            out.append("the dataset's files (images or annotations added, removed or modified)")
         elif asked[name] != value:
             out.append(f"{_OPTION_NAMES.get(name, name)}: {value!r} -> {asked[name]!r}")
     return out
@@ -173,8 +174,8 @@ def check_existing(spec: CacheSpec, path: str | os.PathLike) -> None:
         return
     if key == spec.key():
         return
-    diffs = differences(spec, recorded) or [
-        "none of the recorded settings: the dataset's files changed since it was built, or another "
-        "spot-fast version built it"]
-    raise CacheError(f"{path} holds {what} with other settings ({'; '.join(diffs)}): delete it to rebuild, "
-                     f"or pass another --out")
+    diffs = differences(spec, recorded)
+    why = (f"other settings ({'; '.join(diffs)})" if diffs else
+           f"the same settings, but the dataset's files under {spec.root} changed since it was built "
+           f"(or another spot-fast version built it)")
+    raise CacheError(f"{path} holds {what} of {why}: delete it to rebuild, or pass another --out")
