@@ -164,6 +164,15 @@ def test_folder_defaults_to_train_and_refuses_val_up_front(synth, tmp_path):
     assert res.exit_code == 0 and read_manifest(tmp_path / "c")["counts"]["images"] == 3, res.output
 
 
+def test_a_cache_inside_the_folder_is_no_part_of_its_content(synth, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(synth / "train2017", images)
+    build = ["cache", "folder", "--root", images, "--out", images / "cache", *TINY]
+    assert cli(*build).exit_code == 0
+    res = cli(*build)
+    assert res.exit_code == 0 and "already cached" in res.output, res.output
+
+
 def test_a_folder_of_non_images_is_refused_before_anything_is_cached(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

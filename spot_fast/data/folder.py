@@ -46,7 +46,8 @@ class FolderSource:
 
     @classmethod
     def content_paths(cls, root: Path, split: str) -> list[Path]:
-        return [Path(root)]
+        """The images themselves, not the folder: a cache written inside it is no part of it."""
+        return [Path(root) / f for f in list_images(Path(root))] if Path(root).is_dir() else [Path(root)]
 
     def __len__(self) -> int:
         return len(self.files)
