@@ -122,7 +122,7 @@ def _build(dataset: str, root: Path, split: str, out: Path | None, preset_name: 
            fmt: str, split_block: int | None, dtype: str, compress: str | None, chunk_images: int,
            mask_size: int, mask_dtype: str, batch_size: int, num_workers: int | None, device: str | None,
            autocast: str | None, options: list[str], progress: bool) -> None:
-    from spot_fast.cache import CacheSpec
+    from spot_fast.cache import CacheError, CacheSpec
     from spot_fast.cache.build import default_device, ranks_from_env
     from spot_fast.encoders import resolve_weights
 
@@ -131,6 +131,8 @@ def _build(dataset: str, root: Path, split: str, out: Path | None, preset_name: 
     splits = _splits(dataset, split)
     cfg = _encoder_config(preset_name, encoder, image_size)
     source_options = _parse_options(dataset, options)
+    if random_init and weights is not None:
+        raise CacheError(f"--weights {weights} and --random-init exclude each other: pass one of them")
     resolved = resolve_weights(cfg, weights, random_init, seed)
     dev = _device(device) if device else default_device()
     ranks = ranks_from_env(dev)     # once for all splits; build_cache reuses the group

@@ -52,6 +52,7 @@ def test_data_numeric_options_are_refused_where_they_enter(tmp_path, option, val
     (["--dtype", "int8"], ["--dtype", "int8"]),
     (["--compress", "lz4"], ["--compress", "zstd"]),
     (["--image-size", "30"], ["--image-size 30", "patch size 8"]),
+    (["--weights", "w.pth"], ["--weights w.pth and --random-init exclude each other"]),
 ])
 def test_bad_option_values_are_one_line(synth, tmp_path, args, names):
     res = cli("cache", "synthetic", "--root", synth, "--out", tmp_path / "c", *TINY, *args)
