@@ -366,6 +366,8 @@ def test_folder_source(tmp_path):
     assert torch.equal(views[0], ref) and torch.equal(views[1], TF.hflip(ref))
     with pytest.raises(DatasetError, match="no ground-truth"):
         src.val_sample(0)
+    with pytest.raises(DatasetError, match="only a train split"):
+        open_source("folder", tmp_path, "val", image_size=S)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DatasetError, match="no images"):
