@@ -31,7 +31,6 @@ CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 2, "name": "rectangle"},
               {"id": 5, "name": "star"})
 SEGMENTATION_FORMATS = ("polygon", "rle", "uncompressed_rle")
 _SPLIT_ID_BASE = {"train": 1, "val": 1_000_001}  # distinct image ids across splits
-LAYOUT = ("annotations", "train2017", "val2017")   # what write_synthetic puts in its folder
 
 
 @dataclass
@@ -236,6 +235,9 @@ def write_split(out: Path, split: str, count: int, config: SyntheticConfig,
     ann_dir.mkdir(parents=True, exist_ok=True)
     (ann_dir / f"instances_{split}2017.json").write_text(json.dumps(coco))
     return coco
+
+
+LAYOUT = ("annotations", "train2017", "val2017")   # what write_synthetic puts in its folder
 
 
 def check_config(config: SyntheticConfig) -> None:
