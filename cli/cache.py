@@ -124,7 +124,7 @@ def _build(dataset: str, root: Path, split: str, out: Path | None, preset_name: 
            autocast: str | None, options: list[str], progress: bool) -> None:
     from spot_fast.cache import CacheError, CacheSpec
     from spot_fast.cache.build import default_device, ranks_from_env
-    from spot_fast.encoders import resolve_weights
+    from spot_fast.encoders import FrozenEncoder, resolve_weights
 
     if num_workers is None:
         num_workers = min(4, len(os.sched_getaffinity(0)))
@@ -137,35 +137,47 @@ def _build(dataset: str, root: Path, split: str, out: Path | None, preset_name: 
     dev = _device(device) if device else default_device()
     ranks = ranks_from_env(dev)     # once for all splits; build_cache reuses the group
     try:
+        todo = []       # every split is checked before any is encoded: a bad val never costs a train build
         for name in splits:
             spec = CacheSpec(dataset, str(root), name, cfg, resolved[1], split_block=split_block, dtype=dtype,
                              format=fmt, chunk_images=chunk_images, compression=compress, mask_size=mask_size,
                              mask_dtype=mask_dtype, autocast=autocast, source_options=source_options)
             path = spec.default_path() if out is None else (out / name if split == "both" else out)
-            _build_split(spec, path, resolved, seed, batch_size, num_workers, dev, progress)
+            source = _open_split(spec, path)
+            if source is not None:
+                todo.append((spec, path, source))
+        model = FrozenEncoder.create(cfg, seed=seed, resolved=resolved) if todo else None
+        for spec, path, source in todo:
+            _build_split(spec, path, source, model, batch_size, num_workers, dev, progress)
     finally:
         ranks.close()
 
 
-def _build_split(spec, path: Path, resolved, seed: int, batch_size: int, num_workers: int, device,
-                 progress: bool) -> None:
-    """One split: "already cached", or open the source, check it and encode it into `path`."""
-    from spot_fast.cache import build_cache, find_cached
+def _open_split(spec, path: Path):
+    """None when `path` already holds this cache; else the split's source, opened and checked
+    (annotations, a sample of images), refused when `path` holds another cache."""
+    from spot_fast.cache import find_cached
     from spot_fast.cache.paths import check_existing
     from spot_fast.data.sources import check_readable, open_source
-    from spot_fast.encoders import FrozenEncoder
 
     check_existing(spec, path)
     if find_cached(spec, path) is not None:
         _say(f"already cached: {path}")
-        return
-    cfg = spec.encoder
-    source = open_source(spec.dataset, spec.root, spec.split, image_size=cfg.image_size,
+        return None
+    source = open_source(spec.dataset, spec.root, spec.split, image_size=spec.encoder.image_size,
                          mask_size=spec.mask_size, **spec.source_options)
     for warning in source.warnings:
         _warn(warning)
     check_readable(source)
-    model = FrozenEncoder.create(cfg, seed=seed, resolved=resolved)
+    return source
+
+
+def _build_split(spec, path: Path, source, model, batch_size: int, num_workers: int, device,
+                 progress: bool) -> None:
+    """Encode one split into `path`."""
+    from spot_fast.cache import build_cache
+
+    cfg = spec.encoder
     _say(f"caching {spec.dataset} {spec.split}: {len(source)} images, encoder {cfg.name} "
          f"({spec.weights_id[:19]}) -> {path}")
     with _resumable(path):

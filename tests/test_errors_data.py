@@ -131,6 +131,13 @@ def test_unreadable_ground_truth_names_the_file_and_the_annotation(synth, tmp_pa
     assert not out.exists()
 
 
+def test_a_bad_val_split_stops_both_before_train_is_encoded(synth, tmp_path):
+    root = copy_with(tmp_path, synth, BROKEN["no segmentation"])
+    res = cli("cache", "synthetic", "--root", root, "--split", "both", "--out", tmp_path / "c", *TINY)
+    assert_user_error(res, "instances_val2017.json", "annotation id")
+    assert not (tmp_path / "c").exists()
+
+
 def test_empty_ground_truth_is_a_loud_warning_in_the_output_and_the_manifest(synth, tmp_path):
     root = copy_with(tmp_path, synth, lambda c: c.update(annotations=[]))
     out = tmp_path / "c"
