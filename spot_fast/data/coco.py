@@ -12,6 +12,10 @@ file order, numbered from 1 (skipped categories keep their number); the first an
 cover a pixel sets its class and instance; pixels covered by more than one annotation are
 ignored. One extension: compressed RLE (string `counts`) is decoded directly, where the
 reference's `frPyObjects` call would fail; real COCO files use polygons and uncompressed RLE.
+
+Opening a val split checks every annotation first (a category and a mask pycocotools can decode
+safely) and refuses a broken one with a `DatasetError` naming the file and the annotation id; a
+val split without any object is opened with a loud entry in `warnings`.
 """
 from __future__ import annotations
 
@@ -78,7 +82,8 @@ def load_coco_index(ann_file: Path) -> COCO:
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return COCO(str(ann_file))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, AssertionError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError,
+            AssertionError) as err:
         reason = f"an entry has no {err} key" if isinstance(err, KeyError) else str(err)
         raise DatasetError(f"{ann_file}: not a COCO annotation file ({reason}). "
                            "Re-download or regenerate it.") from None
@@ -120,7 +125,8 @@ def segmentation_problem(segmentation, height: int, width: int) -> str | None:
     try:
         mask_utils.frPyObjects(segmentation, height, width)
     except Exception as err:    # pycocotools raises bare Exception, IndexError, TypeError, ValueError
-        return f"polygons pycocotools cannot read ({err or type(err).__name__}): expected [[x1, y1, x2, y2, ...]]"
+        return (f"polygons pycocotools cannot read ({err or type(err).__name__}): "
+                "expected [[x1, y1, x2, y2, ...]]")
     return None
 
 
