@@ -1,22 +1,36 @@
-"""`spot-fast`: the command-line entry point. Each command group lives in its own module."""
+"""`spot-fast`: the command-line entry point. Each command group lives in its own module;
+errors a user can cause are reported by `cli/errors.py` (one line, exit code 2)."""
 from __future__ import annotations
 
 import typer
 
-app = typer.Typer(name="spot-fast", no_args_is_help=True, add_completion=False,
+from spot_fast.cli.errors import ErrorReportingGroup
+
+app = typer.Typer(name="spot-fast", no_args_is_help=True, add_completion=False, cls=ErrorReportingGroup,
                   help="Train SPOT from cached frozen ViT features, fast and exact.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from spot_fast import __version__
+        typer.echo(f"spot-fast {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def root():
+def root(
+    debug: bool = typer.Option(False, "--debug", metavar="",
+                               help="Show the traceback of errors (also: SPOT_FAST_DEBUG=1)."),
+    version: bool = typer.Option(False, "--version", metavar="", callback=_print_version, is_eager=True,
+                                 help="Print the spot-fast version and exit."),
+):
     """spot-fast: extract frozen features once, train SPOT from the cache."""
 
 
 @app.command()
 def version():
     """Print the spot-fast version."""
-    from spot_fast import __version__
-    typer.echo(__version__)
+    _print_version(True)
 
 
 def _register():

@@ -1,17 +1,22 @@
 """Reference-format SPOT checkpoints, both ways.
 
-`load_reference(model, ckpt)` maps a checkpoint of the reference implementation
-(`checkpoint['model']` or a bare state dict; older runs name the decoder `tf_dec.`) onto a
+`load_reference(model, ckpt)` maps a checkpoint of the reference implementation (a path, the
+loaded `checkpoint` dict, `checkpoint['model']` or a bare state dict; older runs name the decoder
+`tf_dec.`) onto a
 spot-fast `SPOT`, stage 1 or stage 2. `export_reference(model)` writes the reference's names back,
 so any result can be cross-checked with the reference code.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from spot_fast.encoders import load_failure
+from spot_fast.errors import UserError
 from spot_fast.model import SPOT, block_name, tail_name
 
 # (reference name, spot-fast name) templates; `{i}` is a block index. Tried in order.
@@ -43,8 +48,8 @@ NAME_MAP: list[tuple[str, str]] = [
 ]
 
 
-class CheckpointMismatch(ValueError):
-    pass
+class CheckpointMismatch(UserError, ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says which and why."""
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -77,13 +82,33 @@ class LoadReport:
     frozen_encoder: dict[str, torch.Tensor] = field(default_factory=dict)  # `second_encoder.*` (stage 2)
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """torch.load of a checkpoint file (tensors and plain values only), refusals in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointMismatch(f"reference checkpoint {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:    # pickle, zip and torch each raise their own types
+        raise CheckpointMismatch(f"reference checkpoint {path} cannot be read ({load_failure(err)}); if you "
+                                 f"trust it, pass torch.load(path, weights_only=False) instead of the "
+                                 f"path") from None
+
+
 def _unwrap(ckpt) -> dict[str, torch.Tensor]:
+    what = "a reference checkpoint"
+    if isinstance(ckpt, (str, os.PathLike)):
+        what, ckpt = f"reference checkpoint {ckpt}", read_checkpoint(ckpt)
     state = ckpt["model"] if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) else ckpt
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointMismatch(f"{what} should be a state dict of tensors (or a dict holding one as 'model'), "
+                                 f"got a {type(state).__name__}"
+                                 + (" with non-tensor values" if isinstance(state, dict) else ""))
     return {("dec." + k[len("tf_dec."):] if k.startswith("tf_dec.") else k): v for k, v in state.items()}
 
 
 def load_reference(model: SPOT, ckpt) -> LoadReport:
-    """Load a reference SPOT checkpoint into `model`. Missing or unexpected keys raise
+    """Load a reference SPOT checkpoint (a path or the loaded dict) into `model`. Missing or unexpected keys raise
     `CheckpointMismatch` listing them. Returns what was loaded and what was deliberately skipped."""
     state = _unwrap(ckpt)
     ours: dict[str, torch.Tensor] = {}

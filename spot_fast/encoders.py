@@ -3,11 +3,17 @@ both the final tokens and the split-layer tokens (no hooks).
 
 - final tokens: after the last block, WITHOUT the final norm, CLS and registers dropped -> (B, N, D)
 - split tokens: the input of block `split_block`, CLS and registers kept -> (B, 1+R+N, D)
+
+A weights file that cannot be read, holds no tensors, or is another architecture (width, depth,
+patch size) raises `WeightsError` naming the file, what was expected and what the file holds,
+before anything is loaded (timm would otherwise resample a wrong patch size silently).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -16,13 +22,18 @@ import torch
 import torch.nn as nn
 
 from spot_fast.config import EncoderConfig
+from spot_fast.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsNotFound(FileNotFoundError):
-    pass
+class WeightsNotFound(UserError, FileNotFoundError):
+    """No weights file given and none in the local caches, or the given path is not a file."""
+
+
+class WeightsError(UserError, ValueError):
+    """A weights file that cannot be read or does not fit the configured encoder."""
 
 
 def build_vit(cfg: EncoderConfig) -> nn.Module:
@@ -41,28 +52,76 @@ def build_vit(cfg: EncoderConfig) -> nn.Module:
     return model.eval()
 
 
-def _unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
+def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     """Accept a bare state dict or the usual wrappers (DINO's 'teacher', MAE's 'model', ...)."""
     for key in ("teacher", "model", "state_dict", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"--weights {path} holds a {type(obj).__name__}, not a state dict of tensors")
     state = {}
     for k, v in obj.items():
         for prefix in ("module.", "backbone.", "encoder."):
-            if k.startswith(prefix):
+            if isinstance(k, str) and k.startswith(prefix):
                 k = k[len(prefix):]
         state[k] = v
+    others = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if others:
+        raise WeightsError(f"--weights {path} holds {len(others)} entries that are not tensors (e.g. "
+                           f"{others[:3]}): pass the encoder's state dict (.pth or .safetensors)")
     return state
 
 
 def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a .pth / .safetensors file; `WeightsError` when it is not one."""
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFound(f"--weights {path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    return _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:    # safetensors, pickle, zip and torch each raise their own types
+        raise WeightsError(f"--weights {path} is not a readable {path.suffix or 'torch'} weights file "
+                           f"({load_failure(err)}): pass the encoder's .pth or .safetensors release") from None
+    return _unwrap_state_dict(obj, path)
+
+
+def load_failure(err: Exception) -> str:
+    """One line on why torch.load / safetensors refused a file (their messages run to paragraphs)."""
+    text = str(err)
+    pickled = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+    if pickled:
+        return f"it pickles Python objects ({pickled.group(1)}) besides tensors; save only the state dict"
+    if "WeightsUnpickler" in text or isinstance(err, pickle.UnpicklingError):
+        return "not a torch.save file of tensors"
+    return (text.strip().splitlines() or [type(err).__name__])[0][:160]
+
+
+def describe_vit(state: dict[str, torch.Tensor]) -> dict[str, int] | None:
+    """{"embed_dim", "depth", "patch_size"} of a ViT state dict (DINO / timm / MAE naming), or None."""
+    proj = state.get("patch_embed.proj.weight")
+    if proj is None or proj.ndim != 4:
+        return None
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    return {"embed_dim": proj.shape[0], "depth": max(blocks, default=-1) + 1, "patch_size": proj.shape[-1]}
+
+
+def check_weights_fit(state: dict[str, torch.Tensor], cfg: EncoderConfig, path: str | os.PathLike) -> None:
+    """`WeightsError` unless `state` is a ViT of the configured width, depth and patch size."""
+    spec = cfg.spec
+    expected = {"embed_dim": spec.embed_dim, "depth": spec.depth, "patch_size": spec.patch_size}
+    want = f"encoder {cfg.name} (width {spec.embed_dim}, {spec.depth} blocks, patch {spec.patch_size})"
+    found = describe_vit(state)
+    if found is None:
+        names = sorted(state)[:3]
+        raise WeightsError(f"--weights {path} is not a ViT ({len(state)} tensors, e.g. {names}, no "
+                           f"patch_embed.proj.weight); expected {want}")
+    if found != expected:
+        raise WeightsError(f"--weights {path} holds a ViT of width {found['embed_dim']}, {found['depth']} blocks, "
+                           f"patch {found['patch_size']}; expected {want}: pass that encoder's weights or "
+                           f"choose the matching --encoder")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -124,10 +183,15 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
     state = checkpoint_filter_fn(state, model)
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.", "decoder", "mask_token"))}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:     # shape mismatches
+        raise WeightsError(f"encoder weights do not fit {type(model).__name__}: "
+                           f"{str(err).strip().splitlines()[-1].strip()}") from None
     if missing or unexpected:
-        raise ValueError(f"encoder weights do not fit {type(model).__name__}: "
-                         f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        raise WeightsError(f"encoder weights do not fit {type(model).__name__}: {len(missing)} tensors "
+                           f"missing (e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected "
+                           f"(e.g. {sorted(unexpected)[:3]})")
 
 
 @dataclass
@@ -156,8 +220,13 @@ class FrozenEncoder(nn.Module):
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
                 return cls(cfg, build_vit(cfg), weights_id)
+        state = read_weights_file(path)
+        check_weights_fit(state, cfg, path)
         vit = build_vit(cfg)
-        load_weights(vit, read_weights_file(path))
+        try:
+            load_weights(vit, state)
+        except WeightsError as err:
+            raise WeightsError(f"--weights {path}: {err}") from None
         return cls(cfg, vit, weights_id)
 
     @property

@@ -99,11 +99,49 @@ class SPOT(nn.Module):
             return torch.randint(P, (batch, 1), generator=generator).to(device)
         raise ValueError(f"unknown orders {orders!r}: use standard|random|per_sample|all, an int or a tensor")
 
+    def _check_inputs(self, inputs: torch.Tensor, target, orders, noise) -> None:
+        """One ValueError naming expected vs given. Plain Python on shapes and Python ints only:
+        no device sync, nothing torch.compile cannot trace (tensor order values are not checked)."""
+        cfg, stage2 = self.cfg, self.encoder_tail is not None
+        N, D, P = cfg.grid_size ** 2, cfg.feature_dim, self.num_prefix_tokens
+        T = P + N if stage2 else N
+        given = tuple(inputs.shape)
+        if len(given) != 3 or given[1:] != (T, D):
+            what = "split-layer tokens (B, P+N, D)" if stage2 else "features (B, N, D)"
+            raise ValueError(f"SPOT.forward: inputs of shape {given}, expected {what} = (B, {T}, {D}): "
+                             + self._shape_hint(given))
+        B, K, S = given[0], cfg.slot_attention.num_slots, cfg.slot_attention.slot_size
+        for name, t, want in (("target", target, (B, N, D)), ("noise", noise, (B, K, S))):
+            if t is not None and tuple(t.shape) != want:
+                raise ValueError(f"SPOT.forward: {name} of shape {tuple(t.shape)}, expected {want}")
+        if isinstance(orders, torch.Tensor) and orders.dim() > 0 and orders.shape[0] != B:
+            raise ValueError(f"SPOT.forward: orders of shape {tuple(orders.shape)}, expected ({B},) or ({B}, R)")
+        ints = [orders] if isinstance(orders, int) else orders if isinstance(orders, (list, tuple)) else []
+        if any(isinstance(o, bool) or not isinstance(o, int) or not 0 <= o < self.num_orders for o in ints):
+            raise ValueError(f"SPOT.forward: orders {orders!r}: order indices run 0..{self.num_orders - 1} "
+                             f"(this model has {self.num_orders} orders)")
+
+    def _shape_hint(self, given: tuple[int, ...]) -> str:
+        """What is wrong with an input of shape `given`, in words."""
+        cfg, stage2 = self.cfg, self.encoder_tail is not None
+        N, D, P = cfg.grid_size ** 2, cfg.feature_dim, self.num_prefix_tokens
+        if len(given) != 3:
+            return "add the batch dimension" if len(given) == 2 else "pass a (batch, tokens, width) tensor"
+        if given[2] != D:
+            return f"width {given[2]} is not the {D} of encoder {cfg.encoder.name}"
+        if not stage2 and given[1] == P + N:
+            return f"drop the {P} CLS/register tokens (x[:, {P}:])"
+        if stage2 and given[1] == N:
+            return "stage 2 takes the tokens entering split_block (CLS kept), not the final tokens"
+        g = cfg.grid_size
+        return f"{given[1]} tokens is not the {g}x{g} grid of {cfg.encoder.image_size}px images"
+
     def forward(self, inputs: torch.Tensor, target: torch.Tensor | None = None, orders=None,
                 noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> SPOTOutput:
         """inputs: features (B, N, D) in stage 1, split-layer tokens (B, P+N, D) in stage 2.
         target: the decoder's target features (B, N, D); defaults to the (detached) features,
         which is stage 1. orders / noise: see `order_ids` and `SlotAttention.initial_slots`."""
+        self._check_inputs(inputs, target, orders, noise)
         features = self.encode(inputs)
         if target is None:
             target = features.detach()

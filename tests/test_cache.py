@@ -322,7 +322,7 @@ def test_cli_info_and_verify_detects_tampering(tmp_path, caches):
 def test_cli_reports_missing_cache_without_traceback(tmp_path):
     for cmd in ("info", "verify"):
         res = _cli(cmd, tmp_path / "nothing")
-        assert res.exit_code == 1 and "error: no cache at" in res.output and "Traceback" not in res.output
+        assert res.exit_code == 2 and "error: no cache at" in res.output and "Traceback" not in res.output
 
 
 def test_cli_already_cached_does_no_work(tmp_path):
@@ -339,10 +339,10 @@ def test_cli_missing_weights_says_where_to_put_them(tmp_path, monkeypatch):
     import spot_fast.encoders as encoders
     monkeypatch.setattr(encoders, "find_local_weights", lambda cfg: None)
     res = _cli("coco", "--root", tmp_path, "--encoder", "dino_vitb16")
-    assert res.exit_code == 1 and "no weights found" in res.output and "--weights" in res.output
+    assert res.exit_code == 2 and "no weights found" in res.output and "--weights" in res.output
     assert "Traceback" not in res.output
     res = _cli("coco", "--root", tmp_path, "--encoder", "dino_vitb16", "--weights", tmp_path / "w.pth")
-    assert res.exit_code == 1 and "w.pth: no such file" in res.output
+    assert res.exit_code == 2 and "w.pth: no such file" in res.output
 
 
 def test_cli_bad_options_are_one_line(tmp_path):
@@ -350,7 +350,7 @@ def test_cli_bad_options_are_one_line(tmp_path):
                          (["--encoder", "resnet"], "unknown encoder"), (["--split-block", "9"], "--split-block 9"),
                          (["--split", "test"], "--split")]:
         res = _cli("coco", "--root", tmp_path, "--preset", "tiny", "--random-init", *args)
-        assert res.exit_code == 1 and expect in res.output and "Traceback" not in res.output, (args, res.output)
+        assert res.exit_code == 2 and expect in res.output and "Traceback" not in res.output, (args, res.output)
 
 
 def test_manifest_is_complete_and_deterministic(caches):

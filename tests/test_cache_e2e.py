@@ -73,8 +73,8 @@ def test_cli_builds_both_splits_and_reruns_as_already_cached(dataset, tmp_path):
 def test_cli_dataset_errors_are_one_message(dataset, tmp_path):
     root, _ = dataset
     res = cli("cache", "synthetic", "--root", tmp_path / "missing", "--split", "train", "--out", tmp_path / "o", *TINY)
-    assert res.exit_code == 1 and "error:" in res.output and "Traceback" not in res.output, res.output
+    assert res.exit_code == 2 and "error:" in res.output and "Traceback" not in res.output, res.output
     assert not (tmp_path / "o").exists()
     (tmp_path / "file").write_text("")
     res = cli("cache", "synthetic", "--root", root, "--split", "train", "--out", tmp_path / "file" / "x", *TINY)
-    assert res.exit_code == 1 and "cannot create the cache directory" in res.output, res.output
+    assert res.exit_code == 2 and "cannot create the cache directory" in res.output, res.output

@@ -366,7 +366,23 @@ def test_folder_source(tmp_path):
     assert torch.equal(views[0], ref) and torch.equal(views[1], TF.hflip(ref))
     with pytest.raises(DatasetError, match="no ground-truth"):
         src.val_sample(0)
+    with pytest.raises(DatasetError, match="only a train split"):
+        open_source("folder", tmp_path, "val", image_size=S)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DatasetError, match="no images"):
         FolderSource(empty)
+
+
+def test_rle_string_counts_match_pycocotools_encoder():
+    """Our reading of compressed RLE strings (checked before pycocotools' unchecked C decoder runs)
+    equals the run lengths of the mask, for masks starting with 0 or 1 and long runs."""
+    from spot_fast.data.coco import rle_string_counts
+    from spot_fast.data.synthetic import uncompressed_rle
+    rng = np.random.default_rng(0)
+    for h, w, p in [(7, 5, 0.5), (40, 33, 0.02), (64, 64, 0.98), (3, 300, 0.5)]:
+        mask = rng.random((h, w)) < p
+        mask[0, 0] = h % 2 == 1                                      # both starting values occur
+        encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"]
+        assert rle_string_counts(encoded) == uncompressed_rle(mask)["counts"]
+    assert rle_string_counts(encoded + b"P") is None                  # cut inside a run length

@@ -3,6 +3,9 @@
 Default location: `$SPOT_FAST_CACHE_DIR/<dataset>-<split>-<encoder>-<key12>`, with
 SPOT_FAST_CACHE_DIR defaulting to ~/.cache/spot-fast. The key hashes every field of the spec,
 so the same command finds its finished cache again and a different one never collides with it.
+One field is the dataset itself (`dataset_fingerprint`: every file's path, size and mtime), so a
+dataset regenerated or edited under the same root is never mistaken for the cached one.
+`check_existing` refuses a folder that holds another cache, naming the settings that differ.
 """
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spot_fast.cache.manifest import MASK_DTYPES, SCHEMA_VERSION, STORED_NUMPY, CacheError
+from spot_fast.cache.manifest import (BUILD_STATE, MANIFEST, MASK_DTYPES, SCHEMA_VERSION, STORED_NUMPY,
+                                      CacheError, read_manifest)
 from spot_fast.config import EncoderConfig
+from spot_fast.data.sources import SOURCES
 
 FORMATS = ("zarr", "wds")
 
@@ -50,10 +55,14 @@ class CacheSpec:
     mask_dtype: str = "uint8"       # instance/class mask storage: uint8 | int16
     autocast: str | None = None     # run the encoder under torch.autocast: None | "bf16" | "fp16"
     source_options: dict = field(default_factory=dict)  # extra keyword options of open_source
+    content: str | None = None      # dataset_fingerprint of the split's files; None: computed for the
+                                    # known datasets (open_source names), else not keyed on the files
 
     def __post_init__(self):
         self.root = str(Path(self.root).expanduser().resolve())
         self.validate()
+        if self.content is None and self.dataset in SOURCES:
+            self.content = dataset_fingerprint(self.dataset, self.root, self.split)
 
     def validate(self) -> None:
         checks = [
@@ -98,3 +107,81 @@ class CacheSpec:
 
     def default_path(self) -> Path:
         return cache_base_dir() / f"{self.dataset}-{self.split}-{self.encoder.name}-{self.key()[:12]}"
+
+
+def dataset_fingerprint(dataset: str, root: str | os.PathLike, split: str) -> str:
+    """sha256 over (path relative to root, size, mtime_ns) of every file the split is made of
+    (the source's `content_paths`; a missing one counts as missing). Stats only, no reads:
+    about 20 us a file on a warm 2-core box (COCO train, 118k images: ~2.5 s)."""
+    root = str(Path(root).expanduser().resolve())
+    h = hashlib.sha256()
+    for top in map(str, SOURCES[dataset].content_paths(Path(root), split)):
+        if not os.path.exists(top):
+            h.update(f"missing {top[len(root) + 1:]}\n".encode())
+        for path in _files_under(top):
+            st = os.stat(path)
+            h.update(f"{path[len(root) + 1:]}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _files_under(top: str):
+    """`top` if it is a file, else every file below it, in a fixed (sorted) order."""
+    if os.path.isfile(top):
+        yield top
+        return
+    for folder, subfolders, names in os.walk(top):
+        subfolders.sort()
+        yield from (os.path.join(folder, name) for name in sorted(names))
+
+
+# CacheSpec field -> how the user sets it, for messages about settings that differ.
+_OPTION_NAMES = {"dataset": "dataset", "root": "--root", "split": "--split", "weights_id": "weights",
+                 "split_block": "--split-block", "dtype": "--dtype", "format": "--format",
+                 "chunk_images": "--chunk-images", "compression": "--compress", "mask_size": "--mask-size",
+                 "mask_dtype": "--mask-dtype", "autocast": "--autocast", "source_options": "-o options"}
+
+
+def _recorded_spec(manifest: dict) -> dict:
+    """The spec fields a finished cache's manifest records, named as in `CacheSpec.to_dict()`."""
+    keys = ("dataset", "root", "split", "encoder", "dtype", "format", "chunk_images", "compression",
+            "mask_size", "mask_dtype", "autocast", "source_options", "content")
+    out = {k: manifest[k] for k in keys if k in manifest}
+    out.update(weights_id=manifest["weights"], split_block=manifest["layers"]["split_block"])
+    return out
+
+
+def differences(spec: CacheSpec, recorded: dict) -> list[str]:
+    """'<setting>: <recorded> -> <asked>' for each setting where `recorded` (a spec dict) differs."""
+    asked, out = spec.to_dict(), []
+    for name, value in recorded.items():
+        if name not in asked or (name.startswith("mask_") and spec.split == "train"):
+            continue
+        if name == "encoder":
+            out += [f"encoder {k}: {v!r} -> {asked[name].get(k)!r}" for k, v in value.items()
+                    if asked[name].get(k) != v]
+        elif name == "content" and asked[name] != value:
+            out.append("the dataset's files (images or annotations added, removed or modified)")
+        elif asked[name] != value:
+            out.append(f"{_OPTION_NAMES.get(name, name)}: {value!r} -> {asked[name]!r}")
+    return out
+
+
+def check_existing(spec: CacheSpec, path: str | os.PathLike) -> None:
+    """CacheError when `path` holds a finished cache, or an unfinished build, of another spec;
+    the message names each setting that differs (cached value -> asked value)."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        manifest = read_manifest(path)
+        recorded, key, what = _recorded_spec(manifest), manifest["content_key"], "a cache"
+    elif (path / BUILD_STATE).is_file():
+        state = json.loads((path / BUILD_STATE).read_text())
+        recorded, key, what = state.get("spec", {}), state.get("content_key"), "an unfinished build"
+    else:
+        return
+    if key == spec.key():
+        return
+    diffs = differences(spec, recorded)
+    why = (f"other settings ({'; '.join(diffs)})" if diffs else
+           f"the same settings, but the dataset's files under {spec.root} changed since it was built "
+           f"(or another spot-fast version built it)")
+    raise CacheError(f"{path} holds {what} of {why}: delete it to rebuild, or pass another --out")

@@ -12,6 +12,10 @@ file order, numbered from 1 (skipped categories keep their number); the first an
 cover a pixel sets its class and instance; pixels covered by more than one annotation are
 ignored. One extension: compressed RLE (string `counts`) is decoded directly, where the
 reference's `frPyObjects` call would fail; real COCO files use polygons and uncompressed RLE.
+
+Opening a val split checks every annotation first (a category and a mask pycocotools can decode
+safely) and refuses a broken one with a `DatasetError` naming the file and the annotation id; a
+val split without any object is opened with a loud entry in `warnings`.
 """
 from __future__ import annotations
 
@@ -26,8 +30,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from spot_fast.data.base import BadImage, DatasetError, ValSample
-from spot_fast.data.sources import check_sizes, require_file, resolve_split
+from spot_fast.data.base import (BadImage, DatasetError, ValSample,
+                                    check_sizes, require_file, resolve_split)
 from spot_fast.data.transforms import (center_flip_spec, encode_jpeg, flip_pair, load_rgb,
                                        mask_resize_center_crop, resize_center_crop, to_input)
 
@@ -73,17 +77,111 @@ def coco_masks(annotations: list[dict], height: int, width: int) -> tuple[np.nda
 
 
 def load_coco_index(ann_file: Path) -> COCO:
-    """pycocotools' index of `ann_file` (its progress prints silenced); bad JSON -> DatasetError."""
+    """pycocotools' index of `ann_file` (its progress prints silenced); a file it cannot index
+    (bad JSON, a list, entries without their keys: it asserts and raises KeyError) -> DatasetError."""
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return COCO(str(ann_file))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise DatasetError(f"{ann_file}: not a COCO annotation file ({err}). "
-                           "Re-download or regenerate it.") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError,
+            AssertionError) as err:
+        reason = f"an entry has no {err} key" if isinstance(err, KeyError) else str(err)
+        raise DatasetError(f"{ann_file}: not a COCO annotation file ({reason}). "
+                           "Re-download or regenerate it.") from None
+
+
+def rle_string_counts(counts: str | bytes) -> list[int] | None:
+    """The run lengths of a compressed COCO RLE string (pycocotools' 6-bit LEB128-style code with
+    deltas from the count two places back); None when the string is cut off or not ASCII."""
+    text = counts.decode("ascii", "replace") if isinstance(counts, bytes) else counts
+    out, p = [], 0
+    while p < len(text):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(text):
+                return None
+            c = ord(text[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        out.append(x + out[-2] if len(out) > 2 else x)
+    return out
+
+
+def segmentation_problem(segmentation, height: int, width: int) -> str | None:
+    """Why `segmentation` is not a mask of a height x width image that pycocotools can decode
+    safely (its C decoder does not check run lengths); None when it is one."""
+    if isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        if list(size or []) != [height, width]:
+            return f"RLE size {size} differs from the image's [height, width] = [{height}, {width}]"
+        if isinstance(counts, (str, bytes)):
+            counts = rle_string_counts(counts)
+        ok = isinstance(counts, list) and all(isinstance(c, int) and c >= 0 for c in counts)
+        if not ok or sum(counts) != height * width:
+            return f"RLE counts are not non-negative run lengths summing to {height} * {width} pixels"
+        return None
+    try:
+        mask_utils.frPyObjects(segmentation, height, width)
+    except Exception as err:    # pycocotools raises bare Exception, IndexError, TypeError, ValueError
+        return (f"polygons pycocotools cannot read ({err or type(err).__name__}): "
+                "expected [[x1, y1, x2, y2, ...]]")
+    return None
+
+
+def check_images(coco: COCO, ann_file: Path) -> None:
+    """Every image entry names its file and its integer height and width; else a `DatasetError`."""
+    for image_id, meta in coco.imgs.items():
+        if not isinstance(meta.get("file_name"), str) or not all(
+                isinstance(meta.get(k), int) and meta[k] > 0 for k in ("height", "width")):
+            raise DatasetError(f"{ann_file}: image id {image_id} lacks a 'file_name' or a positive integer "
+                               "'height' and 'width'. Fix that entry, or use the original COCO file.")
+
+
+def check_annotations(coco: COCO, ann_file: Path) -> None:
+    """Every annotation has a category and a decodable segmentation; else a `DatasetError`
+    naming the file and the annotation ids, raised before anything is cached."""
+    bad = []
+    for ann in coco.anns.values():
+        meta = coco.imgs.get(ann.get("image_id"))
+        if meta is None:
+            problem = f"image_id {ann.get('image_id')!r} is not in the file's images"
+        elif "segmentation" not in ann:
+            problem = "no 'segmentation' (a detection-only file has no masks to evaluate against)"
+        elif not isinstance(ann.get("category_id"), int):
+            problem = "no integer 'category_id'"
+        else:
+            problem = segmentation_problem(ann["segmentation"], meta["height"], meta["width"])
+        if problem is not None:
+            bad.append((ann.get("id"), problem))
+    if bad:
+        (ann_id, problem), more = bad[0], len(bad) - 1
+        raise DatasetError(f"{ann_file}: annotation id {ann_id}: {problem}"
+                           + (f" (and {more} more bad annotations)" if more else "")
+                           + ". Fix or remove those annotations, or use the original COCO file.")
+
+
+def ground_truth_warnings(coco: COCO, ann_file: Path) -> list[str]:
+    """A loud note when a validation split has no ground-truth objects at all."""
+    if any(coco.imgToAnns.get(i) for i in coco.imgs):
+        return []
+    return [f"{ann_file} has no object annotations for its {len(coco.imgs)} images: the validation "
+            "cache will hold empty ground truth and every metric on it is meaningless"]
+
+
+def find_image_dir(root: Path, split: str) -> Path | None:
+    """`root/{split}2017`, else `root/images/{split}2017`, whichever is a folder (None: neither)."""
+    for path in (root / f"{split}2017", root / "images" / f"{split}2017"):
+        if path.is_dir():
+            return path
+    return None
 
 
 class CocoSource:
     """One split of COCO 2017, or of a synthetic COCO-format dataset (`name="synthetic"`)."""
+
+    SPLITS = ("train", "val")
 
     def __init__(self, root: str | Path, split: str = "train", image_size: int = 224,
                  mask_size: int = 320, name: str = "coco"):
@@ -94,18 +192,24 @@ class CocoSource:
         self.image_size = image_size
         self.mask_size = mask_size
         fix = _FIX.get(name, _FIX["coco"])
-        ann_file = self.root / "annotations" / f"instances_{self.split}2017.json"
-        self.image_dir = self._find_image_dir(fix)
-        self.coco = load_coco_index(require_file(ann_file, f"{name} annotation file", fix))
+        self.ann_file = self.root / "annotations" / f"instances_{self.split}2017.json"
+        self.image_dir = find_image_dir(self.root, self.split)
+        if self.image_dir is None:
+            raise DatasetError(f"{name} image folder not found: tried {self.root / f'{self.split}2017'} and "
+                               f"{self.root / 'images' / f'{self.split}2017'}. {fix}")
+        self.coco = load_coco_index(require_file(self.ann_file, f"{name} annotation file", fix))
         self.ids = list(self.coco.imgs.keys())
+        check_images(self.coco, self.ann_file)
+        self.warnings: list[str] = []
+        if self.split == "val":
+            check_annotations(self.coco, self.ann_file)
+            self.warnings += ground_truth_warnings(self.coco, self.ann_file)
 
-    def _find_image_dir(self, fix: str) -> Path:
-        candidates = [self.root / f"{self.split}2017", self.root / "images" / f"{self.split}2017"]
-        for path in candidates:
-            if path.is_dir():
-                return path
-        raise DatasetError(f"{self.name} image folder not found: tried {candidates[0]} and "
-                           f"{candidates[1]}. {fix}")
+    @classmethod
+    def content_paths(cls, root: Path, split: str) -> list[Path]:
+        root = Path(root)
+        image_dir = find_image_dir(root, split) or root / f"{split}2017"
+        return [root / "annotations" / f"instances_{split}2017.json", image_dir]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -118,7 +222,12 @@ class CocoSource:
         return 2
 
     def views_spec(self) -> dict:
-        return center_flip_spec(self.name, self.split, self.image_size)
+        spec = center_flip_spec(self.name, self.split, self.image_size)
+        if self.split == "val":
+            with_objects = sum(1 for i in self.ids if self.coco.imgToAnns.get(i))
+            spec["ground_truth"] = {"annotations": len(self.coco.anns), "images_with_objects": with_objects,
+                                    "images": len(self.ids)}
+        return spec
 
     def image_path(self, index: int) -> Path:
         return self.image_dir / self.coco.imgs[self.ids[index]]["file_name"]
@@ -135,8 +244,9 @@ class CocoSource:
         anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=self.ids[index]))
         try:
             masks = coco_masks(anns, meta["height"], meta["width"])
-        except (IndexError, TypeError, ValueError) as err:
-            raise BadImage(path, f"cannot decode its annotations: {err}") from err
+        except (IndexError, KeyError, TypeError, ValueError) as err:
+            ids = [a.get("id") for a in anns]
+            raise BadImage(path, f"cannot decode its annotations {ids} in {self.ann_file}: {err}") from err
         class_mask, instance_mask, ignore_mask = (
             mask_resize_center_crop(Image.fromarray(m), self.mask_size) for m in masks)
         return ValSample(image=to_input(crop), jpeg=encode_jpeg(crop),

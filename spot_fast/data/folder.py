@@ -2,7 +2,7 @@
 
 Images are sorted by their path relative to the root, which is also their image id. Training
 views are COCO's: the centre crop after resizing the shorter side to S, and its flip. There is
-no ground truth, so `val_sample` raises `DatasetError`.
+no ground truth, so a folder has only a train split: opening "val" raises `DatasetError`.
 """
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
-from spot_fast.data.base import DatasetError, ValSample
-from spot_fast.data.sources import check_sizes, require_dir, resolve_split
+from spot_fast.data.base import DatasetError, ValSample, check_sizes, require_dir, resolve_split
 from spot_fast.data.transforms import center_flip_spec, flip_pair, load_rgb, resize_center_crop
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+_NO_VAL = ("{root}: a plain image folder has no ground-truth masks, so it has only a train split "
+           "(use --split train). Evaluate on coco, voc, movi or synthetic.")
 
 
 def list_images(root: Path) -> list[str]:
@@ -27,17 +28,26 @@ class FolderSource:
     """Every image under `root`; the split name is only recorded."""
 
     name = "folder"
+    SPLITS = ("train",)
+    warnings: tuple[str, ...] = ()
 
     def __init__(self, root: str | Path, split: str = "train", image_size: int = 224,
                  mask_size: int = 320):
         check_sizes(image_size, mask_size)
         self.root = require_dir(Path(root), "image folder", "Pass an existing folder of images.")
         self.split = resolve_split(split, {"train": "train", "val": "val"}, self.name)
+        if self.split not in self.SPLITS:
+            raise DatasetError(_NO_VAL.format(root=self.root))
         self.image_size, self.mask_size = image_size, mask_size
         self.files = list_images(self.root)
         if not self.files:
             raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}. "
                                "Pass a folder that contains images.")
+
+    @classmethod
+    def content_paths(cls, root: Path, split: str) -> list[Path]:
+        """The images themselves, not the folder: a cache written inside it is no part of it."""
+        return [Path(root) / f for f in list_images(Path(root))] if Path(root).is_dir() else [Path(root)]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -58,5 +68,4 @@ class FolderSource:
         return flip_pair(resize_center_crop(img, self.image_size))
 
     def val_sample(self, index: int) -> ValSample:
-        raise DatasetError(f"{self.root}: a plain image folder has no ground-truth masks, so it "
-                           "has no validation samples. Evaluate on coco, voc, movi or synthetic.")
+        raise DatasetError(_NO_VAL.format(root=self.root))

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from spot_fast.data.base import DatasetError, ValSample
-from spot_fast.data.sources import check_sizes, require_dir, resolve_split
+from spot_fast.data.base import (DatasetError, ValSample, check_int, check_sizes, require_dir,
+                                    resolve_split)
 from spot_fast.data.transforms import encode_jpeg, load_image, load_rgb, to_input
 
 _FIX = "Pass the MOVi folder that holds train/ and validation/ (one sub-folder per clip)."
@@ -40,11 +40,16 @@ class MoviSource:
     """One split of a MOVi dataset ("train", "val" = validation/)."""
 
     name = "movi"
+    SPLITS = ("train", "val")
+    warnings: tuple[str, ...] = ()
 
     def __init__(self, root: str | Path, split: str = "train", image_size: int = 224,
                  mask_size: int = 320, frames_per_clip: int = 9, seed: int = 0,
                  num_segs: int = 25):
         check_sizes(image_size, mask_size)
+        check_int("movi option frames_per_clip", frames_per_clip, 1)
+        check_int("movi option seed", seed, 0)
+        check_int("movi option num_segs (mask files per frame)", num_segs, 1)
         self.root = Path(root)
         self.split = resolve_split(split, {"train": "train", "val": "validation"}, self.name)
         self.image_size, self.mask_size = image_size, mask_size
@@ -54,6 +59,11 @@ class MoviSource:
         self.frames = self._list_frames(split_dir)
         if not self.frames:
             raise DatasetError(f"no *{_IMAGE_SUFFIX} frames under {split_dir}. {_FIX}")
+
+    @classmethod
+    def content_paths(cls, root: Path, split: str) -> list[Path]:
+        canonical = resolve_split(split, {"train": "train", "val": "validation"}, cls.name)
+        return [Path(root) / ("train" if canonical == "train" else "validation")]
 
     def _list_frames(self, split_dir: Path) -> list[Path]:
         frames = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
+
+from spot_fast.data.base import DatasetError, check_int
 
 CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 2, "name": "rectangle"},
               {"id": 3, "name": "triangle"}, {"id": 4, "name": "pentagon"},
@@ -234,14 +237,59 @@ def write_split(out: Path, split: str, count: int, config: SyntheticConfig,
     return coco
 
 
+LAYOUT = ("annotations", "train2017", "val2017")   # what write_synthetic puts in its folder
+
+
+def check_config(config: SyntheticConfig) -> None:
+    """A `DatasetError` naming the first field outside its range."""
+    for label, value, minimum in (("num_train", config.num_train, 1), ("num_val", config.num_val, 1),
+                                  ("image_size", config.image_size, 16), ("seed", config.seed, 0),
+                                  ("min_objects", config.min_objects, 1),
+                                  ("max_objects", config.max_objects, config.min_objects)):
+        check_int(f"synthetic {label}", value, minimum)
+    if not 0 <= config.overlap_prob <= 1 or not 1 <= config.jpeg_quality <= 100:
+        raise DatasetError(f"synthetic overlap_prob must be in [0, 1] and jpeg_quality in 1..100, got "
+                           f"{config.overlap_prob} and {config.jpeg_quality}")
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """`out` must be missing or empty; with `overwrite` it may hold a synthetic dataset (only
+    LAYOUT), never anything else."""
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"--out {out} is a file: pass a folder")
+    found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if found and not overwrite:
+        raise DatasetError(f"--out {out} is not empty: pass --overwrite to replace the dataset there, "
+                           f"or a new folder")
+    foreign = [name for name in found if name not in LAYOUT]
+    if foreign:
+        raise DatasetError(f"--out {out} holds {foreign[:3]}, which spot-fast data synthetic did not write: "
+                           f"--overwrite replaces only a synthetic dataset; pass a new folder")
+
+
 def write_synthetic(out: str | Path, config: SyntheticConfig | None = None,
-                    on_image: Callable[[], None] | None = None) -> dict[str, int]:
-    """Write the whole dataset under `out`; returns {"train": images, "val": images, "annotations": n}."""
+                    on_image: Callable[[], None] | None = None, overwrite: bool = False) -> dict[str, int]:
+    """Write the whole dataset under `out`; returns {"train": images, "val": images, "annotations": n}.
+
+    It is written into a hidden sibling folder first and moved into place when complete, so an
+    interrupted run leaves `out` as it was; `overwrite` replaces a synthetic dataset already there."""
     config = config or SyntheticConfig()
-    if config.image_size < 16 or not 1 <= config.min_objects <= config.max_objects:
-        raise ValueError("image_size must be at least 16 and 1 <= min_objects <= max_objects")
+    check_config(config)
     out = Path(out)
-    train = write_split(out, "train", config.num_train, config, on_image)
-    val = write_split(out, "val", config.num_val, config, on_image)
+    prepare_out(out, overwrite)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)      # left by a killed run
+    try:
+        train = write_split(staging, "train", config.num_train, config, on_image)
+        val = write_split(staging, "val", config.num_val, config, on_image)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise DatasetError(f"cannot write --out {out} ({err.strerror or err}: {err.filename}): pass a "
+                               "writable folder with free space") from None
+        raise
+    if out.is_dir():
+        shutil.rmtree(out)
+    staging.rename(out)
     return {"train": len(train["images"]), "val": len(val["images"]),
             "annotations": len(train["annotations"]) + len(val["annotations"])}

@@ -121,10 +121,14 @@ def flip_pair(crop_img: Image.Image) -> torch.Tensor:
 
 
 def center_flip_spec(source: str, split: str, size: int) -> dict:
-    """The views_spec of sources whose views are `flip_pair(resize_center_crop(...))`."""
+    """The views_spec of sources whose views are `flip_pair(resize_center_crop(...))`; a val
+    split stores only the centre crop (view 0), with its masks."""
+    rule = f"resize shorter side to {size} (PIL bilinear), centre crop {size}, ImageNet normalise"
+    if split == "val":
+        return {"source": source, "split": split, "image_size": size, "num_views": 1, "views": ["original"],
+                "rule": rule + "; masks: NEAREST resize of the shorter side + centre crop to the mask size"}
     return {"source": source, "split": split, "image_size": size, "num_views": 2, "views": ["original", "hflip"],
-            "rule": f"resize shorter side to {size} (PIL bilinear), centre crop {size}, ImageNet "
-                    "normalise; view 1 = view 0 flipped horizontally"}
+            "rule": rule + "; view 1 = view 0 flipped horizontally"}
 
 
 def mask_resize_center_crop(mask: Image.Image, size: int) -> np.ndarray:

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spot_fast.data.base import BadImage, ValSample
-from spot_fast.data.sources import check_sizes, require_dir, require_file, resolve_split
-from spot_fast.data.transforms import (crop, encode_jpeg, hflip, load_image, load_rgb,
+from spot_fast.data.base import (BadImage, ValSample, check_int, check_sizes,
+                                    require_dir, require_file, resolve_split)
+from spot_fast.data.transforms import (center_flip_spec, crop, encode_jpeg, hflip, load_image, load_rgb,
                                        mask_resize_center_crop, resize_center_crop,
                                        resize_shorter, to_input)
 
@@ -42,12 +42,14 @@ class VocSource:
     """One split of PASCAL VOC 2012 ("train" = trainaug, "val")."""
 
     name = "voc"
+    SPLITS = ("train", "val")
+    warnings: tuple[str, ...] = ()
 
     def __init__(self, root: str | Path, split: str = "train", image_size: int = 224,
                  mask_size: int = 320, num_crops: int = 4, seed: int = 0):
         check_sizes(image_size, mask_size)
-        if num_crops < 1:
-            raise ValueError(f"num_crops must be at least 1, got {num_crops}")
+        check_int("voc option num_crops (crop offsets per training image)", num_crops, 1)
+        check_int("voc option seed", seed, 0)
         self.root = Path(root)
         self.split = resolve_split(split, {"train": "trainaug", "val": "val"}, self.name)
         self.image_size, self.mask_size = image_size, mask_size
@@ -57,6 +59,14 @@ class VocSource:
                                  "VOC image list", _FIX)
         require_dir(self.root / "JPEGImages", "VOC image folder", _FIX)
         self.names = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+
+    @classmethod
+    def content_paths(cls, root: Path, split: str) -> list[Path]:
+        root = Path(root)
+        canonical = resolve_split(split, {"train": "trainaug", "val": "val"}, cls.name)
+        list_name = "trainaug" if canonical == "train" else "val"
+        masks = [] if canonical == "train" else [root / "SegmentationClass", root / "SegmentationObject"]
+        return [root / "ImageSets" / "Segmentation" / f"{list_name}.txt", root / "JPEGImages", *masks]
 
     def __len__(self) -> int:
         return len(self.names)
@@ -69,6 +79,8 @@ class VocSource:
         return 2 * self.num_crops
 
     def views_spec(self) -> dict:
+        if self.split == "val":
+            return center_flip_spec(self.name, self.split, self.image_size)
         return {"source": self.name, "split": self.split, "image_size": self.image_size,
                 "num_views": self.num_views, "num_crops": self.num_crops, "seed": self.seed,
                 "views": "[crop 0, crop 0 hflip, crop 1, crop 1 hflip, ...]",
