@@ -156,7 +156,7 @@ def test_same_build_twice_is_already_cached(caches):
 
 
 def test_different_cache_at_same_out_is_refused(caches):
-    with pytest.raises(CacheError, match="already holds a different cache"):
+    with pytest.raises(CacheError, match=r"holds a cache of other settings \(--split-block: 2 -> None\)"):
         build_tiny(caches["zarr"]["train"], n=10, bad=(5,), format="zarr", split_block=None)
 
 

@@ -215,7 +215,7 @@ def test_a_regenerated_dataset_is_not_already_cached(tmp_path, monkeypatch):
     kept = tree_digest(out)
     write_synthetic(root, SyntheticConfig(num_train=4, num_val=2, image_size=32), overwrite=True)
     res = cli(*build, "--out", out)                                   # same --out: refused, says why
-    assert_user_error(res, str(out), "same settings, but the dataset's files under", "changed", "delete it")
+    assert_user_error(res, str(out), "the dataset's files", "added, removed or modified", "delete it")
     assert tree_digest(out) == kept
     res = cli(*build)                                                  # default place: a new cache
     assert res.exit_code == 0 and "already cached" not in res.output and "cached 4 images" in res.output, res.output

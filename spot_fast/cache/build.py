@@ -39,7 +39,7 @@ from spot_fast.cache.checks import fast_hash
 from spot_fast.cache.manifest import (BUILD_STATE, MANIFEST, MASK_DTYPES, SCHEMA_VERSION, SHARD_MARKERS,
                                       TAIL_FILE, CacheError, read_manifest, shard_owner,
                                       to_stored, write_json_atomic, write_manifest)
-from spot_fast.cache.paths import CacheSpec, encoder_description
+from spot_fast.cache.paths import CacheSpec, check_existing, encoder_description
 from spot_fast.cache.ranks import ERRORS, Ranks, default_device, ranks_from_env
 from spot_fast.cache.writer import ShardWriter, remove_temporaries
 from spot_fast.data.base import BadImage, Source
@@ -130,9 +130,7 @@ class _Builder:
             raise CacheError(f"the cache directory {out} is not writable: pass another --out")
         state = json.loads(state_file.read_text()) if state_file.is_file() else None
         if state is not None and state["content_key"] != self.key:
-            raise CacheError(f"{out} holds an unfinished build of a different cache (dataset "
-                             f"{state['spec']['dataset']}, split {state['spec']['split']}); delete it "
-                             f"or pass another --out")
+            check_existing(self.spec, out)     # names the settings that differ
         if state is None and any(out.iterdir()):
             raise CacheError(f"--out {out} is not empty and is not a spot-fast cache build: "
                              f"choose a new or empty directory")
@@ -330,7 +328,7 @@ class _Builder:
         manifest = {
             "schema_version": SCHEMA_VERSION, "complete": True, "spot_fast_version": __version__,
             "content_key": self.key, "dataset": spec.dataset, "root": spec.root, "split": spec.split,
-            "source_options": spec.source_options, "format": spec.format,
+            "source_options": spec.source_options, "content": spec.content, "format": spec.format,
             "encoder": encoder_description(cfg), "weights": spec.weights_id, "random_init": spec.random_init,
             "image_size": cfg.image_size, "patch_size": cfg.spec.patch_size,
             "grid": [cfg.grid_size, cfg.grid_size], "num_patches": cfg.num_patches, "feature_dim": cfg.feature_dim,
@@ -417,11 +415,7 @@ def find_cached(spec: CacheSpec, out: str | os.PathLike | None = None) -> Path |
     path = Path(out) if out is not None else spec.default_path()
     if not (path / MANIFEST).is_file():
         return None
-    manifest = read_manifest(path)
-    if manifest["content_key"] != spec.key():
-        raise CacheError(f"--out {path} already holds a different cache ({manifest['dataset']} "
-                         f"{manifest['split']}, encoder {manifest['encoder']['name']}, {manifest['weights'][:19]}): "
-                         f"pass another --out or delete it")
+    check_existing(spec, path)          # a cache of other content: names the settings that differ
     return path
 
 
@@ -434,6 +428,8 @@ def build_cache(source: Source, encoder: FrozenEncoder, spec: CacheSpec, out: st
     `already_cached=True` when a finished cache of the same content is there. Under torchrun
     (WORLD_SIZE > 1) every rank calls this; the shards are split between them.
     """
+    if batch_size < 1 or num_workers < 0:
+        raise CacheError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
     t0 = time.perf_counter()
     out = Path(out) if out is not None else spec.default_path()
     if encoder.weights_id != spec.weights_id:

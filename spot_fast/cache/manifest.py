@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from spot_fast.encoders import file_sha256
+from spot_fast.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -28,7 +29,7 @@ STORED_NUMPY = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}
 MASK_DTYPES = {"uint8": np.uint8, "int16": np.int16}
 
 
-class CacheError(Exception):
+class CacheError(UserError):
     """A problem the user can fix (wrong cache for this model, bad path, incomplete build)."""
 
 
