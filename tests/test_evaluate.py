@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -12,7 +13,9 @@ from typer.testing import CliRunner
 from spot_fast.cache import open_cache
 from spot_fast.metrics import MetricAccumulator, masks_to_labels
 from spot_fast.train import load_run
-from train_case import IMAGE_SIZE, MASK_SIZE, NUM_VAL, tiny_caches, tiny_stage1_run
+from train_case import IMAGE_SIZE, MASK_SIZE, NUM_VAL, one_thread, tiny_caches, tiny_stage1_run  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(*args):

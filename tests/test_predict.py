@@ -2,6 +2,7 @@
 the fly, from a spot-fast run or from a reference-format checkpoint with its own encoder."""
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -11,7 +12,9 @@ from spot_fast.data.sources import open_source
 from spot_fast.encoders import FrozenEncoder
 from spot_fast.predict import Predictor
 from spot_fast.train import load_run
-from train_case import IMAGE_SIZE, tiny_caches, tiny_stage1_run
+from train_case import IMAGE_SIZE, one_thread, tiny_caches, tiny_stage1_run  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def close(a, b):
