@@ -65,6 +65,8 @@ def train(
     cache: Optional[Path] = typer.Option(None, help="Cache folder of a `--split both` build (train/ and val/)."),
     train_cache: Optional[Path] = typer.Option(None, help="Train cache (instead of --cache)."),
     val_cache: Optional[Path] = typer.Option(None, help="Val cache (default: CACHE/val when present)."),
+    stream: Optional[str] = typer.Option(None, help="Stream the train cache's WebDataset shards from these URLs "
+                                         "(brace pattern, e.g. https://host/c/shard-{00000..00099}.tar)."),
     images: Optional[Path] = typer.Option(None, help="Dataset root: run the frozen encoder on the fly."),
     dataset: str = typer.Option("coco", help="Dataset of --images: coco, voc, movi, folder, synthetic."),
     weights: Optional[str] = typer.Option(None, help="--images: encoder weights file (default: the local "
@@ -107,7 +109,7 @@ def train(
                      ce_weight=ce_weight)
         overrides = {**ablation_overrides(decoder, short), **parse_sets(set_)}
         cfg = TrainConfig(stage=stage, cache=_str(cache), train_cache=_str(train_cache), val_cache=_str(val_cache),
-                          images=_str(images), dataset=dataset, weights=weights, out=str(out), preset=preset,
+                          stream=stream, images=_str(images), dataset=dataset, weights=weights, out=str(out), preset=preset,
                           overrides=overrides, teacher=teacher, epochs=epochs, batch_size=batch_size, lr=lr,
                           seed=seed, precision=precision, compile=compile, log_every=log_every,
                           checkpoint_every=checkpoint_every, keep_last=keep_last, resume=resume,

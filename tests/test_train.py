@@ -132,3 +132,15 @@ def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_a_used_folder(t
         Trainer(tiny_config(run, epochs=1)).fit()
     with pytest.raises(TrainError, match="holds no checkpoint to resume"):
         Trainer(tiny_config(tmp_path / "empty", epochs=1, resume=True)).fit()
+
+
+def test_streaming_webdataset_shards_from_urls(tmp_path):
+    wds = tiny_caches().nosplit
+    urls = f"file://{wds}/shard-{{00000..00004}}.tar"
+    val = str(tiny_caches().both / "val")
+    run = train(tiny_config(tmp_path / "stream", cache=None, train_cache=str(wds), val_cache=val, stream=urls,
+                            epochs=3, checkpoint_every=3))
+    assert len(train_losses(run)) == 3 * 5 and fell(run), train_losses(run, "val")
+    with pytest.raises(TrainError, match="gives 2 shard URLs for a wds cache of 5 shards"):
+        Trainer(tiny_config(tmp_path / "bad", cache=None, train_cache=str(wds),
+                            stream=f"{wds}/shard-{{00000..00001}}.tar"))

@@ -25,19 +25,20 @@ REPO = Path(__file__).resolve().parents[1]
 class TinyCaches:
     root: Path       # the synthetic dataset (COCO layout)
     both: Path       # cache folder with train/ and val/ (fp32, split tokens of block 2)
-    nosplit: Path    # a train cache without split tokens
+    nosplit: Path    # a train cache without split tokens, in WebDataset shards (5 of <= 5 images)
 
 
 _BUILT: dict[str, TinyCaches] = {}
 
 
-def _build(root: Path, source, split: str, out: Path, split_block: int | None) -> None:
+def _build(root: Path, source, split: str, out: Path, split_block: int | None, fmt: str = "zarr") -> None:
     from spot_fast.cache import CacheSpec, build_cache
     from spot_fast.config import preset
     from spot_fast.encoders import FrozenEncoder
     enc_cfg = preset("tiny").encoder
     spec = CacheSpec("synthetic", str(root), split, enc_cfg,
-                     "random-init:0", split_block=split_block, dtype="fp32", chunk_images=5, mask_size=MASK_SIZE)
+                     "random-init:0", split_block=split_block, dtype="fp32", chunk_images=5, mask_size=MASK_SIZE,
+                     format=fmt)
     encoder = FrozenEncoder.create(enc_cfg, random_init=True, seed=0)
     build_cache(source, encoder, spec, out, batch_size=8, device="cpu", progress=False)
 
@@ -54,7 +55,7 @@ def tiny_caches() -> TinyCaches:
                   ("train", None, base / "nosplit"))
         for split, block, out in builds:
             source = open_source("synthetic", root, split, image_size=IMAGE_SIZE, mask_size=MASK_SIZE)
-            _build(root, source, split, out, block)
+            _build(root, source, split, out, block, "wds" if block is None else "zarr")
         _BUILT["caches"] = TinyCaches(root, base / "cache", base / "nosplit")
     return _BUILT["caches"]
 

@@ -11,6 +11,7 @@ same images holds. `epoch(e, start_step)` starts inside an epoch without reading
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections import OrderedDict
 from typing import Iterable, Iterator
 
@@ -145,3 +146,27 @@ class _ReaderBatches:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         return iter(self.cache.train_reader(self.batch_size, epoch=epoch, start_step=start_step, **self.kw))
+
+
+class StreamBatches:
+    """Training batches streamed from WebDataset shard URLs (a `--format wds` cache served over
+    HTTP or on shared storage, its shards in index order) through the reader's `WdsReader`.
+    Shards are shuffled per epoch and dealt to the ranks, then a buffer shuffles the samples.
+    Every epoch is cut to the same number of batches: what the rank with the fewest images gets
+    in the worst deal of shards, so all ranks and epochs take the same steps."""
+
+    def __init__(self, urls: list[str], manifest: dict, batch_size: int, *, seed: int, rank: int = 0,
+                 world_size: int = 1, split_tokens: bool = False):
+        self.urls, self.batch_size = urls, batch_size
+        self.kw = dict(seed=seed, rank=rank, world_size=world_size, manifest=manifest, split_tokens=split_tokens,
+                       dtype=None, drop_last=True)
+        sizes = sorted(s["images"] for s in manifest["shards"])
+        self.steps = sum(sizes[: len(sizes) // world_size]) // batch_size
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        from spot_fast.cache.reader import WdsReader
+        reader = WdsReader(self.urls, self.batch_size, epoch=epoch, **self.kw)
+        return itertools.islice(iter(reader), start_step, self.steps)     # resuming reads the skipped batches
