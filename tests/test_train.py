@@ -102,13 +102,15 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     (["--set", "decoder.kind=rnn"], "decoder kind must be"),
     (["--set", "encoder.image_size=64"], "does not fit the model"),
     (["--precision", "fp16"], "--precision must be one of"),
+    (["--train-orders", "spiral"], "--train-orders must be one of random, per_sample, standard, all"),
+    (["--slots", "0"], "Invalid value for '--slots'"),
     (["--stage", "2"], "stage 2 needs --teacher"),
 ])
 def test_bad_options_are_one_line(tmp_path, extra, message):
     res = cli("train", "--cache", tiny_caches().both, "--preset", "tiny", "--out", tmp_path / "r",
               "--allow-random-init", "--no-progress", *extra)
-    assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output, res.output
-    assert not (tmp_path / "r").exists()
+    assert res.exit_code in (1, 2) and message in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "r").exists()       # 1: our message, 2: typer's usage error
 
 
 def test_refusals_name_the_fix(tmp_path):

@@ -55,7 +55,8 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (self.stage in (1, 2), f"--stage must be 1 or 2, got {self.stage}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+            (self.precision in PRECISIONS,
+             f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}"),
