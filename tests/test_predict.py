@@ -52,3 +52,9 @@ def test_a_reference_checkpoint_predicts_with_the_encoder_it_carries():
     ours = Predictor.from_run(run, weights="random-init", device="cpu")(images)
     theirs = Predictor.from_reference(ckpt, cfg, device="cpu")(images)
     assert torch.equal(ours.decoder_masks, theirs.decoder_masks) and torch.equal(ours.slots, theirs.slots)
+
+
+def test_a_wrong_input_is_one_message():
+    predictor = Predictor.from_run(tiny_stage1_run(), weights="random-init", device="cpu")
+    with pytest.raises(ValueError, match=r"neither a path, a PIL image nor a \(3, 32, 32\) tensor: got Tensor \(3, 40, 40\)"):
+        predictor([torch.zeros(3, 40, 40)])

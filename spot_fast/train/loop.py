@@ -59,6 +59,7 @@ class Trainer:
         self.forward_model = self._wrap(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.optim.lr, betas=(0.9, 0.999))
         self.state = TrainState()
+        self.meter: _Meter | None = None        # the loss sums of a running fit()
         self.steps_per_epoch = len(self.data)
         if self.steps_per_epoch == 0:
             raise TrainError(f"the training data ({self.data_info['train_samples']} images) gives no batch of "
@@ -193,8 +194,9 @@ class Trainer:
         return {"model": self.cfg.to_dict(), "train": self.tcfg.to_dict(), "data": self.data_info,
                 "world_size": self.ranks.world_size}
 
-    def _prepare_run(self) -> None:
-        """Write config.json; on --resume check it is unchanged and load the newest checkpoint."""
+    def prepare_run(self) -> None:
+        """Write config.json; on --resume check it is unchanged and load the newest checkpoint.
+        `fit()` starts with it; a driver that calls `train_step` itself calls it before `save()`."""
         file = self.run / CONFIG_FILE
         have = step_checkpoints(self.run)
         if self.tcfg.resume:
@@ -236,14 +238,14 @@ class Trainer:
         return save_step(self.run, self._checkpoint(), self.tcfg.keep_last)
 
     def _checkpoint(self) -> dict:
-        if hasattr(self, "meter"):
+        if self.meter is not None:
             self.state.epoch_loss_sum, self.state.epoch_loss_count = self.meter.epoch_totals()
         return checkpoint(self.model, self.optimizer, self.state, self.cfg, self.tcfg.to_dict())
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> Path:
-        self._prepare_run()
+        self.prepare_run()
         total = self.cfg.optim.epochs * self.steps_per_epoch
         if self.tcfg.max_steps:
             total = min(total, self.tcfg.max_steps)
