@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from spot_fast.cache import CacheError, open_cache
-from spot_fast.cache.reader import Cache
+from spot_fast.cache import Cache, CacheError, open_cache
 from spot_fast.evaluate import evaluate, reconstruction_loss
 from spot_fast.model import SPOT
 from spot_fast.schedules import cosine_schedule, warmup_epochs
