@@ -2,6 +2,8 @@
 the fly, from a spot-fast run or from a reference-format checkpoint with its own encoder."""
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 from PIL import Image
@@ -43,14 +45,16 @@ def test_predictions_for_paths_pil_and_tensors_match_the_model_on_cached_feature
     assert from_paths.labels(16).shape == (3, 16, 16)
 
 
-def test_a_reference_checkpoint_predicts_with_the_encoder_it_carries():
+def test_a_reference_checkpoint_predicts_with_the_encoder_it_carries(tmp_path):
     run = tiny_stage1_run()
     model, cfg = load_run(run)
     encoder = FrozenEncoder.create(cfg.encoder, random_init=True, seed=0)
     ckpt = export_reference(model, frozen_encoder=encoder.vit.state_dict())
+    ckpt["args"] = argparse.Namespace(lr=4e-4, num_slots=3)       # reference runs save their options
+    torch.save(ckpt, tmp_path / "reference.pth")
     images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
     ours = Predictor.from_run(run, weights="random-init", device="cpu")(images)
-    theirs = Predictor.from_reference(ckpt, cfg, device="cpu")(images)
+    theirs = Predictor.from_reference(tmp_path / "reference.pth", cfg, device="cpu")(images)
     assert torch.equal(ours.decoder_masks, theirs.decoder_masks) and torch.equal(ours.slots, theirs.slots)
 
 
