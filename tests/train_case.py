@@ -5,7 +5,9 @@ by the trainer tests (not a test module: it holds no tests).
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,6 +51,7 @@ def tiny_caches() -> TinyCaches:
         from spot_fast.data.sources import open_source
         from spot_fast.data.synthetic import SyntheticConfig, write_synthetic
         base = Path(tempfile.mkdtemp(prefix="spot-fast-train-"))
+        atexit.register(shutil.rmtree, base, ignore_errors=True)
         root = base / "data"
         write_synthetic(root, SyntheticConfig(num_train=NUM_TRAIN, num_val=NUM_VAL, image_size=40))
         builds = (("train", SPLIT_BLOCK, base / "cache" / "train"), ("val", SPLIT_BLOCK, base / "cache" / "val"),
@@ -95,7 +98,9 @@ def tiny_stage1_run() -> Path:
     """A finished 3-epoch stage-1 run on the shared cache (built once per session)."""
     if "stage1" not in _BUILT:
         from spot_fast.train import train
-        out = Path(tempfile.mkdtemp(prefix="spot-fast-run-")) / "teacher"
+        out = Path(tempfile.mkdtemp(prefix="spot-fast-run-"))
+        atexit.register(shutil.rmtree, out, ignore_errors=True)
+        out = out / "teacher"
         _BUILT["stage1"] = train(tiny_config(out))
     return _BUILT["stage1"]
 
