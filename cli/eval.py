@@ -6,8 +6,6 @@ from typing import Optional
 
 import typer
 
-from spot_fast.cli.train import user_errors
-
 ORDERS = ("standard", "random", "all")
 
 
@@ -24,15 +22,14 @@ def evaluate(
     """Evaluate a run: FG-ARI, mBO^i, mBO^c, mIoU of the decoder and slot-attention masks."""
     from spot_fast.evaluate import evaluate_run
     from spot_fast.train.config import TrainError
-    with user_errors():
-        if orders not in ORDERS:
-            raise TrainError(f"--orders must be one of {', '.join(ORDERS)}, got {orders!r}")
-        if (cache / "val" / "manifest.json").is_file():
-            cache = cache / "val"
-        if out is None:
-            out = (run if run.is_dir() else run.parent.parent) / "eval"
-        result = evaluate_run(run, cache, orders=orders, batch_size=batch_size, out=out, num_pictures=num_pictures,
-                              device=device, allow_random_init=allow_random_init)
+    if orders not in ORDERS:
+        raise TrainError(f"--orders must be one of {', '.join(ORDERS)}, got {orders!r}")
+    if (cache / "val" / "manifest.json").is_file():
+        cache = cache / "val"
+    if out is None:
+        out = (run if run.is_dir() else run.parent.parent) / "eval"
+    result = evaluate_run(run, cache, orders=orders, batch_size=batch_size, out=out, num_pictures=num_pictures,
+                          device=device, allow_random_init=allow_random_init)
     for kind in ("decoder", "slot_attention"):
         typer.echo(f"{kind:>15}: " + "  ".join(f"{k} {v:5.1f}" for k, v in result[kind].items()))
     typer.echo(f"{result['images']} images, orders {orders}; metrics, label maps and pictures in {out}")

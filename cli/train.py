@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -17,21 +16,6 @@ import typer
 SHORT_FLAGS = {"train_orders": "decoder.train_orders", "slots": "slot_attention.num_slots",
                "iterations": "slot_attention.num_iterations", "truncate": "slot_attention.truncate",
                "init": "slot_attention.init", "ce_weight": "optim.ce_weight"}
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Errors a user can cause -> one line on stderr and exit code 1, never a traceback."""
-    from spot_fast.cache import CacheError
-    from spot_fast.checkpoint import CheckpointMismatch
-    from spot_fast.data.base import DatasetError
-    from spot_fast.encoders import WeightsNotFound
-    from spot_fast.train.config import TrainError
-    try:
-        yield
-    except (TrainError, CacheError, DatasetError, WeightsNotFound, CheckpointMismatch) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1)
 
 
 def parse_sets(items: list[str]) -> dict[str, str]:
@@ -111,19 +95,18 @@ def train(
 ):
     """Train SPOT stage 1 or 2 from a feature cache (or from images), resumable, on one GPU or many."""
     from spot_fast.train import TrainConfig, train as run_training
-    with user_errors():
-        short = dict(train_orders=train_orders, slots=slots, iterations=iterations, truncate=truncate, init=init,
-                     ce_weight=ce_weight)
-        overrides = {**ablation_overrides(decoder, short), **parse_sets(set_)}
-        cfg = TrainConfig(stage=stage, cache=_str(cache), train_cache=_str(train_cache), val_cache=_str(val_cache),
-                          stream=stream, images=_str(images), dataset=dataset, weights=weights, out=str(out),
-                          preset=preset, overrides=overrides, teacher=teacher, epochs=epochs, batch_size=batch_size, lr=lr,
-                          seed=seed, precision=precision, compile=compile, log_every=log_every,
-                          checkpoint_every=checkpoint_every, keep_last=keep_last, resume=resume,
-                          allow_random_init=allow_random_init, device=device, drop_last=drop_last,
-                          max_steps=max_steps, eval_batch_size=eval_batch_size, progress=progress)
-        cfg.validate()
-        run = run_training(cfg)
+    short = dict(train_orders=train_orders, slots=slots, iterations=iterations, truncate=truncate, init=init,
+                 ce_weight=ce_weight)
+    overrides = {**ablation_overrides(decoder, short), **parse_sets(set_)}
+    cfg = TrainConfig(stage=stage, cache=_str(cache), train_cache=_str(train_cache), val_cache=_str(val_cache),
+                      stream=stream, images=_str(images), dataset=dataset, weights=weights, out=str(out),
+                      preset=preset, overrides=overrides, teacher=teacher, epochs=epochs, batch_size=batch_size, lr=lr,
+                      seed=seed, precision=precision, compile=compile, log_every=log_every,
+                      checkpoint_every=checkpoint_every, keep_last=keep_last, resume=resume,
+                      allow_random_init=allow_random_init, device=device, drop_last=drop_last,
+                      max_steps=max_steps, eval_batch_size=eval_batch_size, progress=progress)
+    cfg.validate()
+    run = run_training(cfg)
     typer.echo(f"run finished: {run}")
 
 

@@ -52,4 +52,4 @@ def test_eval_metrics_equal_the_metric_functions_on_its_saved_label_maps(tmp_pat
 
 def test_eval_refuses_an_unknown_order_mode(tmp_path):
     res = cli("eval", tiny_stage1_run(), "--cache", tiny_caches().both, "--orders", "every")
-    assert res.exit_code == 1 and "--orders must be one of" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "--orders must be one of" in res.output and "Traceback" not in res.output

@@ -12,9 +12,10 @@ import typing
 from dataclasses import dataclass, field
 
 from spot_fast.config import EncoderConfig, SPOTConfig, preset
+from spot_fast.errors import UserError
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """A problem the user can fix: bad option, a cache or teacher that does not fit, a changed resume."""
 
 

@@ -22,7 +22,8 @@ from spot_fast.model import SPOT
 from spot_fast.schedules import cosine_schedule, warmup_epochs
 from spot_fast.train import ddp
 from spot_fast.train.config import RESUME_FREE, TrainConfig, TrainError, config_diff, model_config
-from spot_fast.train.data import ImageBatches, StreamBatches, cache_batches, device_batches
+from spot_fast.cache import device_batches
+from spot_fast.train.data import CacheBatches, ImageBatches, StreamBatches
 from spot_fast.train.logging import LOG_FILE, RunLog, truncate_log
 from spot_fast.train.state import (BEST, CHECKPOINTS, TrainState, checkpoint, newest_checkpoint, read_checkpoint,
                                    save_atomic, save_step, set_rng_state, step_checkpoints, write_json_atomic)
@@ -93,8 +94,8 @@ class Trainer:
         if t.stream is not None:
             data = self._stream(manifest, cfg)
         else:
-            data = cache_batches(cache, cfg.optim.batch_size, seed=t.seed, rank=self.ranks.rank,
-                                 world_size=self.ranks.world_size, drop_last=t.drop_last, split_tokens=cfg.stage == 2)
+            data = CacheBatches(cache, cfg.optim.batch_size, seed=t.seed, rank=self.ranks.rank,
+                                world_size=self.ranks.world_size, drop_last=t.drop_last, split_tokens=cfg.stage == 2)
         info = {"train_cache": str(path), "train_manifest_sha256": _sha256(path / "manifest.json"),
                 "weights": manifest["weights"], "train_samples": cache.num_images}
         if self.val_cache is not None:
@@ -253,7 +254,9 @@ class Trainer:
         try:
             log.say(f"training stage {self.cfg.stage}: {self.data_info['train_samples']} images, "
                     f"{self.steps_per_epoch} steps/epoch x {self.cfg.optim.epochs} epochs, batch "
-                    f"{self.batch_size} x {self.ranks.world_size} rank(s), device {self.device}")
+                    f"{self.batch_size} x {self.ranks.world_size} rank(s), device {self.device}"
+                    + (f"; {dropped} image(s) per epoch left out to keep the ranks' steps equal"
+                       if (dropped := getattr(self.data, "dropped", 0)) else ""))
             while self.state.step < total:
                 self._epoch(total, meter, log)
             self._finish(log)
