@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from spot_fast.config import preset
-from spot_fast.sweep.grid import GridError, expand, load_variants, resolve
+from spot_fast.sweep.grid import GridError, Variant, expand, load_variants, resolve
 
 
 def test_grid_product_names_and_resolved_configs():
@@ -12,7 +12,7 @@ def test_grid_product_names_and_resolved_configs():
     assert [v.name for v in variants] == [
         "num_slots=5_truncate=none", "num_slots=5_truncate=bi-level", "num_slots=6_truncate=none",
         "num_slots=6_truncate=bi-level", "num_slots=7_truncate=none", "num_slots=7_truncate=bi-level"]
-    cfg = resolve(preset("coco"), variants[3].overrides)
+    cfg = resolve(preset("coco"), variants[3])
     assert cfg.slot_attention.num_slots == 6 and cfg.slot_attention.truncate == "bi-level"
     assert cfg.slot_attention.slot_size == 256 and cfg.decoder == preset("coco").decoder
 
@@ -23,16 +23,16 @@ def test_ambiguous_short_keys_keep_their_section():
 
 
 def test_typed_values_none_and_bool():
-    cfg = resolve(preset("tiny"), {"decoder.num_cross_heads": "none", "optim.final_ce_weight": "1e-3",
-                                   "slot_attention.use_kernel": "false"})
+    cfg = resolve(preset("tiny"), Variant("v", {"decoder.num_cross_heads": "none", "optim.final_ce_weight": "1e-3",
+                                                "slot_attention.use_kernel": "false"}))
     assert cfg.decoder.num_cross_heads is None and cfg.optim.final_ce_weight == 1e-3
     assert cfg.slot_attention.use_kernel is False
-    assert resolve(preset("tiny"), {"decoder.num_cross_heads": "1"}).decoder.num_cross_heads == 1
+    assert resolve(preset("tiny"), Variant("v", {"decoder.num_cross_heads": "1"})).decoder.num_cross_heads == 1
 
 
 @pytest.mark.parametrize("grid, message", [
-    (["slot_attention.num_slotz=5,6"], "unknown key 'slot_attention.num_slotz': slot_attention has num_slots"),
-    (["slots.num=5"], "unknown key 'slots.num': use section.field"),
+    (["slot_attention.num_slotz=5,6"], "unknown key 'slot_attention.num_slotz': did you mean slot_attention.num_slots"),
+    (["slots.num=5"], "unknown key 'slots.num': see `spot-fast train --help`"),
     (["slot_attention.num_slots"], "write key=value1,value2"),
     (["slot_attention.num_slots=5,,6"], "write key=value1,value2"),
     (["slot_attention.num_slots=5,5"], "listed twice"),
@@ -46,14 +46,14 @@ def test_grid_mistakes_are_one_message(grid, message):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"slot_attention.num_slots": "five"}, "slot_attention.num_slots='five': not a valid int"),
-    ({"slot_attention.truncate": "half"}, "truncate must be"),
-    ({"slot_attention.use_kernel": "maybe"}, "not a valid bool"),
-    ({"decoder.kind": "mlp"}, "decoder.kind=mlp: the MLP decoder only has the raster order"),
+    ({"slot_attention.num_slots": "five"}, "variant v: --set slot_attention.num_slots=five: expected a value of type int"),
+    ({"slot_attention.truncate": "half"}, "variant v: .*truncate must be"),
+    ({"slot_attention.use_kernel": "maybe"}, "expected a value of type bool"),
+    ({"decoder.kind": "mlp"}, "variant v: .*the MLP decoder only has the raster order"),
 ])
-def test_bad_values_name_the_key(overrides, message):
+def test_bad_values_name_the_variant_and_key(overrides, message):
     with pytest.raises(GridError, match=message):
-        resolve(preset("tiny"), overrides)
+        resolve(preset("tiny"), Variant("v", overrides))
 
 
 VARIANTS = """
@@ -80,7 +80,7 @@ def test_variants_file_with_base_nested_and_dotted_keys(tmp_path):
     assert dino.overrides["decoder.kind"] == "mlp" and dino.overrides["decoder.eval_orders"] == "standard"
     assert trunc.overrides == {"decoder.eval_orders": "all", "slot_attention.truncate": "none",
                                "optim.ce_weight": "0.01", "slot_attention.use_kernel": "false"}
-    assert resolve(preset("tiny"), dino.overrides).decoder.num_orders == 1
+    assert resolve(preset("tiny"), dino).decoder.num_orders == 1
     names = [v.name for v in expand(["optim.lr=1e-4,4e-4"], path)]
     assert names[:2] == ["spot_lr=1e-4", "spot_lr=4e-4"] and len(names) == 6
 

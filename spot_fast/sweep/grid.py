@@ -6,19 +6,19 @@ single run of it would. Keys are dotted paths into `SPOTConfig`; keys that would
 stream every variant shares (encoder, batch size, epochs, stage) cannot vary inside one sweep.
 
     variants = expand(grid=["slot_attention.num_slots=5,6,7", "slot_attention.truncate=none,bi-level"])
-    cfg = resolve(preset("coco"), variants[0].overrides)
+    cfg = resolve(preset("coco"), variants[0])
 """
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import itertools
 import re
 import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from spot_fast.config import SPOTConfig
+from spot_fast.train.config import TrainError, apply_overrides, config_keys
 
 # Keys a sweep cannot vary: every variant reads the same batches from the same cache.
 FIXED_KEYS = {
@@ -40,63 +40,26 @@ class Variant:
     overrides: dict[str, str] = field(default_factory=dict)   # dotted SPOTConfig key -> value text
 
 
-def _field_types(cls) -> dict[str, object]:
-    return typing.get_type_hints(cls)
-
-
-def _parse_value(key: str, text: str, kind) -> object:
-    """`text` as the field's type: int, float, bool, str, or one of those or None ("none")."""
-    args = typing.get_args(kind)
-    if type(None) in args:
-        if text.lower() in ("none", "null"):
-            return None
-        kind = next(a for a in args if a is not type(None))
-    try:
-        if kind is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        return kind(text)
-    except ValueError:
-        raise GridError(f"{key}={text!r}: not a valid {getattr(kind, '__name__', kind)}") from None
-
-
-def _check_key(key: str) -> tuple[type, str]:
-    """The dataclass holding `key` and the field name; GridError for unknown or fixed keys."""
+def _check_key(key: str) -> None:
+    """GridError for a key that is not a SPOTConfig field or that cannot vary inside a sweep."""
     if key in FIXED_KEYS:
         raise GridError(f"{key} cannot vary inside a sweep: {FIXED_KEYS[key]}")
-    section, _, name = key.partition(".")
+    section = key.split(".")[0]
     if section in FIXED_SECTIONS:
         raise GridError(f"{key} cannot vary inside a sweep: {FIXED_SECTIONS[section]}")
-    sections = _sections()
-    if section not in sections or not name:
-        raise GridError(f"unknown key {key!r}: use section.field with section one of {sorted(sections)}")
-    cls = sections[section]
-    known = [f.name for f in dataclasses.fields(cls)]
-    if name not in known:
-        raise GridError(f"unknown key {key!r}: {section} has {', '.join(known)}")
-    return cls, name
+    keys = config_keys()
+    if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "see `spot-fast train --help` for the config fields"
+        raise GridError(f"unknown key {key!r}: {hint}")
 
 
-def _sections() -> dict[str, type]:
-    hints = _field_types(SPOTConfig)
-    return {name: kind for name, kind in hints.items() if dataclasses.is_dataclass(kind)}
-
-
-def resolve(base: SPOTConfig, overrides: dict[str, str]) -> SPOTConfig:
-    """`base` with the overrides applied and every section re-validated; GridError on bad input."""
-    changes: dict[str, dict[str, object]] = {}
-    for key, text in overrides.items():
-        cls, name = _check_key(key)
-        changes.setdefault(key.split(".")[0], {})[name] = _parse_value(key, text, _field_types(cls)[name])
-    parts = {}
-    for section, values in changes.items():
-        try:
-            parts[section] = dataclasses.replace(getattr(base, section), **values)
-        except ValueError as e:          # the section's own __post_init__ checks
-            shown = ", ".join(f"{section}.{k}={v}" for k, v in values.items())
-            raise GridError(f"{shown}: {e}") from None
-    return dataclasses.replace(base, **parts)
+def resolve(base: SPOTConfig, variant: Variant) -> SPOTConfig:
+    """`base` with the variant's overrides (the trainer's --set rules); GridError naming the variant."""
+    try:
+        return apply_overrides(base, variant.overrides)
+    except TrainError as e:
+        raise GridError(f"variant {variant.name}: {e}") from None
 
 
 def parse_grid(spec: str) -> tuple[str, list[str]]:
