@@ -30,7 +30,7 @@ FIXED_SECTIONS = {"encoder": "the cache fixes the encoder"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
 
-class GridError(ValueError):
+class GridError(TrainError):
     """A grid or variants file the sweep cannot run; the message names the input and the fix."""
 
 

@@ -104,6 +104,16 @@ def free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def how_many_fit(groups: list[list[SPOTConfig]], batch_size: int, free: int, precision: str = "fp32",
+                 stacked: bool = False, teacher: SPOTConfig | None = None) -> int:
+    """How many of the variants, taken in order, fit in `free` bytes (with HEADROOM)."""
+    total = sum(len(g) for g in groups)
+    for n in range(total, 0, -1):
+        if sweep_bytes(_first(groups, n), batch_size, precision, stacked, teacher) * HEADROOM <= free:
+            return n
+    return 0
+
+
 def check_fits(groups: list[list[SPOTConfig]], batch_size: int, device: torch.device,
                precision: str = "fp32", stacked: bool = False, teacher: SPOTConfig | None = None,
                free: int | None = None) -> int:
@@ -112,16 +122,11 @@ def check_fits(groups: list[list[SPOTConfig]], batch_size: int, device: torch.de
     need = sweep_bytes(groups, batch_size, precision, stacked, teacher)
     if need * HEADROOM <= free:
         return need
-    total = sum(len(g) for g in groups)
-    fit = 0
-    for n in range(total - 1, 0, -1):            # the first n variants, in order
-        if sweep_bytes(_first(groups, n), batch_size, precision, stacked, teacher) * HEADROOM <= free:
-            fit = n
-            break
+    fit = how_many_fit(groups, batch_size, free, precision, stacked, teacher)
     raise MemoryError(
-        f"the sweep needs about {need * HEADROOM / GIB:.1f} GiB for {total} variants at batch {batch_size} "
-        f"({precision}) but {device} has {free / GIB:.1f} GiB free: {fit} of these variants would fit; "
-        f"split the grid or lower --batch-size")
+        f"the sweep needs about {need * HEADROOM / GIB:.1f} GiB for {sum(len(g) for g in groups)} variants at "
+        f"batch {batch_size} ({precision}) but {device} has {free / GIB:.1f} GiB free: {fit} of these variants "
+        f"would fit; split the grid or lower --batch-size")
 
 
 def _first(groups: list[list[SPOTConfig]], n: int) -> list[list[SPOTConfig]]:

@@ -1,14 +1,15 @@
 """The sweep's summary: every variant's metrics side by side (Markdown and CSV, the best marked)
 and one picture comparing the variants' masks on the same validation images.
 
-Metric columns are flat names: `decoder.mbo_i`, `slot_attention.fg_ari`, ... (higher is better)
-and `train.*` (final training losses, lower is better). The overall best variant is the one with
+Metric columns are flat names: `decoder.mbo_i`, `slot_attention.fg_ari`, ... (higher is better),
+`train.*` (the last logged training losses) and `val.loss` (the last validation MSE), lower is better. The overall best variant is the one with
 the best `rank_by` column.
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spot_fast.quickstart import PALETTE
+from spot_fast.evaluate import PALETTE
 
 
 @dataclass
@@ -27,7 +28,7 @@ class VariantResult:
 
 
 def lower_is_better(column: str) -> bool:
-    return column.startswith("train.")
+    return column.startswith(("train.", "val."))
 
 
 def flatten_metrics(evaluation: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -142,3 +143,54 @@ def draw_rows(jpegs: list[bytes], truth: torch.Tensor, labels: dict[str, torch.T
     width = 6 * max(len(n) for n in rows) + 6
     bands = [np.concatenate([_label(n, size, width), *tiles], axis=1) for n, tiles in rows.items()]
     Image.fromarray(np.concatenate(bands, axis=0)).save(path)
+
+
+# ----------------------------------------------------------------------------- from run folders
+
+def _last_records(log: Path) -> dict[str, dict]:
+    """The last record of each kind in a run's log.jsonl."""
+    last: dict[str, dict] = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                last[rec["kind"]] = rec
+    return last
+
+
+def run_result(name: str, run: Path, overrides: dict[str, str]) -> VariantResult:
+    """A variant's row from its run folder: eval/metrics.json and the last train/val log records."""
+    metrics = {}
+    last = _last_records(run / "log.jsonl")
+    for key in ("loss", "mse", "ce"):
+        if key in last.get("train", {}):
+            metrics[f"train.{key}"] = float(last["train"][key])
+    if "val" in last:
+        metrics["val.loss"] = float(last["val"]["loss"])
+    file = run / "eval" / "metrics.json"
+    if file.is_file():
+        result = json.loads(file.read_text())
+        metrics.update(flatten_metrics({k: result[k] for k in ("decoder", "slot_attention")}))
+    return VariantResult(name, dict(overrides), metrics)
+
+
+def comparison_picture(runs: list[tuple[str, Path]], val_cache, path: Path, n: int = 8) -> bool:
+    """masks.png: the first `n` val images, each variant's decoder masks (its eval/labels.npz)
+    and the ground truth. False (nothing drawn) when a variant has no evaluation."""
+    files = [run / "eval" / "labels.npz" for _, run in runs]
+    if val_cache is None or not all(f.is_file() for f in files):
+        return False
+    batch = next(iter(val_cache.eval_reader(n)))
+    labels = {name: torch.from_numpy(np.load(f)["decoder"][:n].astype(np.int64)) for (name, _), f in zip(runs, files)}
+    draw_rows(batch["jpeg"], batch["instance_mask"], labels, path)
+    return True
+
+
+def write_sweep_summary(out: Path, trainers: list[tuple[str, object]], rank_by: str = "decoder.mbo_i") -> Summary:
+    """summary.md, summary.csv and masks.png of a finished sweep, from its variants' run folders."""
+    results = [run_result(name, t.run, t.tcfg.overrides) for name, t in trainers]
+    if not any(rank_by in r.metrics for r in results):        # no val data: rank by the training loss
+        rank_by = "train.loss"
+    summary = write_summary(results, out, rank_by)
+    comparison_picture([(name, t.run) for name, t in trainers], trainers[0][1].val_cache, out / "masks.png")
+    return summary
