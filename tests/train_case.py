@@ -75,3 +75,18 @@ def run_env() -> dict:
 
 def run_cli(*args, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run(cli_command(*args), env=run_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_stage1_run() -> Path:
+    """A finished 3-epoch stage-1 run on the shared cache (built once per session)."""
+    if "stage1" not in _BUILT:
+        from spot_fast.train import train
+        out = Path(tempfile.mkdtemp(prefix="spot-fast-run-")) / "teacher"
+        _BUILT["stage1"] = train(tiny_config(out))
+    return _BUILT["stage1"]
+
+
+def train_losses(run: Path, kind: str = "train") -> list[float]:
+    import json
+    return [r["loss"] for r in map(json.loads, (Path(run) / "log.jsonl").read_text().splitlines())
+            if r["kind"] == kind]
