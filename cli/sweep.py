@@ -66,7 +66,6 @@ def sweep(
                           checkpoint_every=checkpoint_every, keep_last=keep_last, resume=resume,
                           allow_random_init=allow_random_init, device=device, drop_last=drop_last,
                           max_steps=max_steps, eval_batch_size=eval_batch_size, progress=False)
-        cfg.validate()
         scfg = SweepConfig(train=cfg, grid=list(grid), variants_file=_str(variants), teachers=_str(teachers),
                            stack=stack, rank_by=rank_by, check_memory=check_memory)
         if plan:

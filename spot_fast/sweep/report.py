@@ -58,7 +58,7 @@ class Summary:
 
 
 def summarize(results: list[VariantResult], rank_by: str = "decoder.mbo_i") -> Summary:
-    keys = sorted({k for r in results for k in r.overrides})
+    keys = list(dict.fromkeys(k for r in results for k in r.overrides))      # first-seen order: the grid's
     keys = [k for k in keys if len({r.overrides.get(k) for r in results}) > 1]
     columns = sorted({c for r in results for c in r.metrics}, key=lambda c: (lower_is_better(c), c))
     if rank_by not in columns and columns:

@@ -39,6 +39,7 @@ from spot_fast.train import ddp
 from spot_fast.train.config import RESUME_FREE, TrainConfig, TrainError, config_diff, model_config
 from spot_fast.train.data import device_batches
 from spot_fast.train.loop import Trainer
+from spot_fast.train.state import step_checkpoints
 from spot_fast.sweep.report import write_sweep_summary
 from spot_fast.sweep.variant import SharedTeacher, VariantRun, stacked_train_step
 
@@ -66,6 +67,7 @@ class SweepConfig:
             raise TrainError("stage 2 needs exactly one of --teacher (shared) or --teachers (a stage-1 sweep folder)")
         if self.stack and t.compile:
             raise TrainError("--stack and --compile cannot be combined: the stacked model is not compiled")
+        dataclasses.replace(t, teacher=t.teacher or self.teachers).validate()   # the shared options
         if self.rank_by not in RANK_COLUMNS:
             raise TrainError(f"--rank-by {self.rank_by!r}: choose one of {', '.join(RANK_COLUMNS)}")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -166,13 +168,16 @@ class Sweep:
         scfg.validate()
         self.scfg, self.out = scfg, Path(scfg.train.out)
         planned = variant_configs(scfg)
-        self._write_manifest(planned)
         ranks = ddp.setup(scfg.train.device)
-        if scfg.check_memory:
+        if scfg.check_memory:                     # before anything is written
             try:
                 check_fits(device=ranks.device, **memory_args(scfg, planned, ranks.device))
             except MemoryError as e:
                 raise TrainError(str(e)) from None
+        self._write_manifest(planned)
+        if scfg.train.resume:                     # a variant killed before its first checkpoint starts afresh
+            planned = [(v, dataclasses.replace(t, resume=bool(step_checkpoints(Path(t.out)))), c)
+                       for v, t, c in planned]
         self.teachers: dict[str, SharedTeacher] = {}
         self.runs = [self._variant_run(v, tcfg, ranks) for v, tcfg, _ in planned]
         self.groups = _groups(self.runs, scfg.stack)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import torch
 from torch.func import functional_call, vmap
@@ -70,7 +71,9 @@ class StackedSPOT:
         if noise is None and self.models[0].cfg.slot_attention.init == "shared_gaussian":
             raise ValueError("draw the shared-Gaussian noise outside the stacked model and pass it")
         fn = vmap(self._one, in_dims=(0, None, None, None, None))
-        return SPOTOutput(*fn(self.stacked_params(), inputs, target, orders, noise))
+        with warnings.catch_warnings():     # ops without a batching rule (GRUCell, CPU SDPA) loop over M
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+            return SPOTOutput(*fn(self.stacked_params(), inputs, target, orders, noise))
 
     __call__ = forward
 

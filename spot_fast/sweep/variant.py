@@ -48,11 +48,14 @@ class VariantRun:
         total = t.cfg.optim.epochs * t.steps_per_epoch
         self.total = min(total, t.tcfg.max_steps) if t.tcfg.max_steps else total
         self.log: RunLog | None = None
+        self.finished = False     # trained and evaluated before this sweep (re)started
 
     def begin(self) -> None:
         """Write (or, resuming, check and load) the run folder and open its log."""
         t = self.trainer
         t._prepare_run()
+        evaluated = t.val_cache is None or all((t.run / "eval" / f).is_file() for f in ("metrics.json", "labels.npz"))
+        self.finished = t.state.step >= self.total and evaluated
         self.log = RunLog(t.run if t.ranks.main else None, self.total, t.state.step, progress=False)
         t.meter = _Meter(t.device, t.state)
 
@@ -74,7 +77,8 @@ class VariantRun:
 
     def finish(self) -> None:
         """The final checkpoint and evaluation (`eval/`), as at the end of Trainer.fit()."""
-        self.trainer._finish(self.log)
+        if not self.finished:
+            self.trainer._finish(self.log)
 
     def close(self) -> None:
         if self.log is not None:
