@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 
 from spot_fast.sweep import run as sweep_run
 from spot_fast.sweep.run import Sweep, SweepConfig, sweep
-from spot_fast.train import TrainConfig, TrainError, train
+from spot_fast.train import TrainError, train
 from spot_fast.train.state import step_checkpoints, step_path
 from train_case import cli_command, run_env, tiny_caches, tiny_config, tiny_stage1_run
 
@@ -129,9 +130,10 @@ def test_sigkilled_sweep_resumes_to_the_same_result(grid_sweep, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "summary.md").exists()
 
-    # one variant resumed on its own, as `spot-fast train --resume` does, from its run folder
-    alone = json.loads((killed / NAMES[0] / "config.json").read_text())["train"]
-    train(TrainConfig(**{**alone, "resume": True}))
+    # one variant resumed on its own: sweep.json's `spot-fast train` command for it, plus --resume
+    command = json.loads((killed / "sweep.json").read_text())["variants"][0]["command"]
+    res = CliRunner().invoke(_app(), shlex.split(command)[1:] + ["--resume"])
+    assert res.exit_code == 0, res.output
     assert_same_records(records(killed / NAMES[0]), records(grid_sweep / NAMES[0]))
 
     # then the whole sweep: the finished variant waits, the others continue or start afresh
@@ -196,3 +198,14 @@ def test_plan_says_how_many_fit(tmp_path):
     assert res.exit_code == 0, res.output
     assert "4 variants in 2 stacked groups" in res.output and "4 of 4 variants fit" in res.output
     assert "num_slots=4_lr=2e-3: 41,544 parameters" in res.output and not (tmp_path / "p").exists()
+
+
+def test_stage2_stacked_with_a_teacher_per_variant(grid_sweep, tmp_path):
+    base = tiny_config(tmp_path / "s2", stage=2, epochs=1)
+    s = Sweep(SweepConfig(train=base, grid=GRID, teachers=str(grid_sweep), stack=True))
+    assert len(s.teachers) == 4 and [len(g) for g in s.groups] == [2, 2]
+    s.run()
+    for name, overrides in zip(NAMES, OVERRIDES):
+        alone = train(dataclasses.replace(base, out=str(tmp_path / name), teacher=str(grid_sweep / name),
+                                          overrides=overrides))
+        assert_same_records(records(tmp_path / "s2" / name), records(alone))
