@@ -46,3 +46,11 @@ def test_refuses_with_the_number_that_fits():
         check_fits(cfgs, 64, torch.device("cpu"), free=int(two) + 1)
     with pytest.raises(MemoryError, match="0 of these variants would fit"):
         check_fits(cfgs, 64, torch.device("cpu"), free=1000)
+
+
+def test_each_distinct_stage2_teacher_counts_once():
+    student, teacher = preset("tiny", stage=2), preset("tiny")
+    shared = sweep_bytes([[student], [student]], 8, teachers=(teacher,))
+    own = sweep_bytes([[student], [student]], 8, teachers=(teacher, teacher))
+    assert own - shared == 4 * variant_memory(teacher).params
+    assert shared - sweep_bytes([[student], [student]], 8) == 4 * variant_memory(teacher).params

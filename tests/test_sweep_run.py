@@ -185,10 +185,10 @@ def test_refusals_are_one_message_and_write_nothing(grid_sweep, tmp_path, monkey
     assert not any(p.exists() for p in (tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "d"))
 
 
-def _no_room(groups, batch_size, device, precision="fp32", stacked=False, teacher=None, free=None):
+def _no_room(groups, batch_size, device, precision="fp32", stacked=False, teachers=(), free=None):
     from spot_fast.sweep.memory import check_fits, sweep_bytes
-    one = sweep_bytes(groups[:1], batch_size, precision, stacked, teacher)
-    return check_fits(groups, batch_size, device, precision, stacked, teacher, free=int(1.3 * one))
+    one = sweep_bytes(groups[:1], batch_size, precision, stacked, teachers)
+    return check_fits(groups, batch_size, device, precision, stacked, teachers, free=int(1.3 * one))
 
 
 def test_plan_says_how_many_fit(tmp_path):

@@ -78,9 +78,10 @@ def variant_memory(cfg: SPOTConfig, precision: str = "fp32") -> VariantMemory:
 
 
 def sweep_bytes(groups: list[list[SPOTConfig]], batch_size: int, precision: str = "fp32",
-                stacked: bool = False, teacher: SPOTConfig | None = None) -> int:
+                stacked: bool = False, teachers: tuple[SPOTConfig, ...] = ()) -> int:
     """Peak bytes of a sweep: every variant's state, plus the largest group's activations
-    (a group of one when not stacked), plus the shared batch and a stage-2 teacher's weights."""
+    (a group of one when not stacked), plus the shared batch and the stage-2 teachers' weights
+    (one per distinct teacher: a shared teacher counts once)."""
     profiles = [[variant_memory(c, precision) for c in g] for g in groups]
     state = sum(p.state_bytes for g in profiles for p in g)
     if stacked:
@@ -89,7 +90,7 @@ def sweep_bytes(groups: list[list[SPOTConfig]], batch_size: int, precision: str 
         peak = max(p.activations(batch_size) for g in profiles for p in g)
     cfg = groups[0][0]
     batch = 3 * batch_size * (cfg.encoder.num_patches + 1) * cfg.feature_dim * 4
-    shared = batch + (4 * variant_memory(teacher, precision).params if teacher is not None else 0)
+    shared = batch + sum(4 * variant_memory(t, precision).params for t in teachers)
     return state + peak + shared
 
 
@@ -105,24 +106,24 @@ def free_bytes(device: torch.device) -> int:
 
 
 def how_many_fit(groups: list[list[SPOTConfig]], batch_size: int, free: int, precision: str = "fp32",
-                 stacked: bool = False, teacher: SPOTConfig | None = None) -> int:
+                 stacked: bool = False, teachers: tuple[SPOTConfig, ...] = ()) -> int:
     """How many of the variants, taken in order, fit in `free` bytes (with HEADROOM)."""
     total = sum(len(g) for g in groups)
     for n in range(total, 0, -1):
-        if sweep_bytes(_first(groups, n), batch_size, precision, stacked, teacher) * HEADROOM <= free:
+        if sweep_bytes(_first(groups, n), batch_size, precision, stacked, teachers) * HEADROOM <= free:
             return n
     return 0
 
 
 def check_fits(groups: list[list[SPOTConfig]], batch_size: int, device: torch.device,
-               precision: str = "fp32", stacked: bool = False, teacher: SPOTConfig | None = None,
+               precision: str = "fp32", stacked: bool = False, teachers: tuple[SPOTConfig, ...] = (),
                free: int | None = None) -> int:
     """The estimated peak bytes; MemoryError naming how many variants would fit when it does not."""
     free = free_bytes(device) if free is None else free
-    need = sweep_bytes(groups, batch_size, precision, stacked, teacher)
+    need = sweep_bytes(groups, batch_size, precision, stacked, teachers)
     if need * HEADROOM <= free:
         return need
-    fit = how_many_fit(groups, batch_size, free, precision, stacked, teacher)
+    fit = how_many_fit(groups, batch_size, free, precision, stacked, teachers)
     raise MemoryError(
         f"the sweep needs about {need * HEADROOM / GIB:.1f} GiB for {sum(len(g) for g in groups)} variants at "
         f"batch {batch_size} ({precision}) but {device} has {free / GIB:.1f} GiB free: {fit} of these variants "

@@ -34,14 +34,14 @@ from spot_fast.evaluate import MASK_KINDS
 from spot_fast.metrics import METRIC_NAMES
 from spot_fast.sweep.grid import GridError, Variant, expand, resolve
 from spot_fast.sweep.memory import GIB, HEADROOM, check_fits, free_bytes, how_many_fit, sweep_bytes, variant_memory
+from spot_fast.sweep.report import write_sweep_summary
 from spot_fast.sweep.stacked import StackedSPOT, stack_key
+from spot_fast.sweep.variant import SharedTeacher, VariantRun, stacked_train_step
 from spot_fast.train import ddp
 from spot_fast.train.config import RESUME_FREE, TrainConfig, TrainError, config_diff, model_config
 from spot_fast.train.data import device_batches
 from spot_fast.train.loop import Trainer
 from spot_fast.train.state import step_checkpoints
-from spot_fast.sweep.report import write_sweep_summary
-from spot_fast.sweep.variant import SharedTeacher, VariantRun, stacked_train_step
 
 SWEEP_FILE = "sweep.json"
 RANK_COLUMNS = (*(f"{kind}.{m}" for kind in MASK_KINDS for m in METRIC_NAMES), "train.loss", "train.mse",
@@ -123,10 +123,9 @@ def memory_args(scfg: SweepConfig, planned: list[tuple[Variant, TrainConfig, SPO
         except ValueError as e:
             raise TrainError(f"variant {v.name}: its model cannot be built: {e}") from None
         groups.setdefault(stack_key(c) if scfg.stack else str(i), []).append(c)
-    cfgs = [c for _, _, c in planned]
-    teacher = dataclasses.replace(cfgs[0], stage=1) if cfgs[0].stage == 2 else None   # shared: its weights once
-    return dict(groups=list(groups.values()), batch_size=cfgs[0].optim.batch_size,
-                precision="bf16" if bf16 else "fp32", stacked=scfg.stack, teacher=teacher)
+    teachers = {t.teacher: dataclasses.replace(c, stage=1) for _, t, c in planned if c.stage == 2}
+    return dict(groups=list(groups.values()), batch_size=planned[0][2].optim.batch_size,
+                precision="bf16" if bf16 else "fp32", stacked=scfg.stack, teachers=tuple(teachers.values()))
 
 
 def plan(scfg: SweepConfig) -> str:
@@ -180,6 +179,8 @@ class Sweep:
                        for v, t, c in planned]
         self.teachers: dict[str, SharedTeacher] = {}
         self.runs = [self._variant_run(v, tcfg, ranks) for v, tcfg, _ in planned]
+        if len({len(r.trainer.data) for r in self.runs}) != 1:      # cannot happen: the grid fixes the data
+            raise TrainError("the variants do not read the same batches: report this as a bug")
         self.groups = _groups(self.runs, scfg.stack)
         self._stacked: dict[tuple[int, ...], StackedSPOT] = {}
 
