@@ -32,7 +32,7 @@ def test_typed_values_none_and_bool():
 
 @pytest.mark.parametrize("grid, message", [
     (["slot_attention.num_slotz=5,6"], "unknown key 'slot_attention.num_slotz': did you mean slot_attention.num_slots"),
-    (["slots.num=5"], "unknown key 'slots.num': see `spot-fast train --help`"),
+    (["slots.num=5"], "unknown key 'slots.num': keys: decoder.eval_orders, decoder.kind, "),
     (["slot_attention.num_slots"], "write key=value1,value2"),
     (["slot_attention.num_slots=5,,6"], "write key=value1,value2"),
     (["slot_attention.num_slots=5,5"], "listed twice"),

@@ -50,7 +50,7 @@ def _check_key(key: str) -> None:
     keys = config_keys()
     if key not in keys:
         close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else "see `spot-fast train --help` for the config fields"
+        hint = f"did you mean {', '.join(close)}?" if close else f"keys: {', '.join(sorted(keys))}"
         raise GridError(f"unknown key {key!r}: {hint}")
 
 
