@@ -179,10 +179,14 @@ def test_refusals_are_one_message_and_write_nothing(grid_sweep, tmp_path, monkey
     res = cli("--out", tmp_path / "c", "--stage", "2", "--grid", "optim.ce_weight=0.1,0.2")
     assert res.exit_code == 1 and "stage 2 needs exactly one of --teacher" in res.output
     assert "Traceback" not in res.output
+    res = cli("--out", tmp_path / "e", "--stage", "2", "--teachers", tmp_path, "--grid", "optim.ce_weight=0.1,0.2")
+    assert res.exit_code == 1 and "no run 'ce_weight=0.1' in it" in res.output, res.output
+    res = cli("--out", tmp_path / "f", "--stage", "2", "--teacher", tmp_path / "none", "--grid", "optim.ce_weight=0.1,0.2")
+    assert res.exit_code == 1 and "no such run folder or checkpoint" in res.output, res.output
     monkeypatch.setattr(sweep_run, "check_fits", _no_room)
     with pytest.raises(TrainError, match="1 of these variants would fit"):
         Sweep(SweepConfig(train=tiny_config(tmp_path / "d"), grid=GRID))
-    assert not any(p.exists() for p in (tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "d"))
+    assert not any((tmp_path / x).exists() for x in "abcdef")
 
 
 def _no_room(groups, batch_size, device, precision="fp32", stacked=False, teachers=(), free=None):

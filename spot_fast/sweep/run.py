@@ -41,7 +41,7 @@ from spot_fast.train import ddp
 from spot_fast.train.config import RESUME_FREE, TrainConfig, TrainError, config_diff, model_config
 from spot_fast.train.data import device_batches
 from spot_fast.train.loop import Trainer
-from spot_fast.train.state import step_checkpoints
+from spot_fast.train.state import step_checkpoints, write_json_atomic
 
 SWEEP_FILE = "sweep.json"
 RANK_COLUMNS = (*(f"{kind}.{m}" for kind in MASK_KINDS for m in METRIC_NAMES), "train.loss", "train.mse",
@@ -90,6 +90,9 @@ def variant_configs(scfg: SweepConfig) -> list[tuple[Variant, TrainConfig, SPOTC
     for v in variants:
         cfg = resolve(base, v)
         teacher = str(Path(scfg.teachers) / v.name) if scfg.teachers else t.teacher
+        if scfg.teachers and not Path(teacher).exists():
+            raise TrainError(f"--teachers {scfg.teachers}: no run {v.name!r} in it for the variant of that name; "
+                             f"give the stage-1 sweep of the same grid, or one shared --teacher")
         tcfg = dataclasses.replace(t, out=str(Path(t.out) / v.name), overrides={**t.overrides, **v.overrides},
                                    teacher=teacher, progress=False)   # one line per epoch instead of M bars
         out.append((v, tcfg, cfg))
@@ -173,7 +176,7 @@ class Sweep:
                 check_fits(device=ranks.device, **memory_args(scfg, planned, ranks.device))
             except MemoryError as e:
                 raise TrainError(str(e)) from None
-        self._write_manifest(planned)
+        manifest = self._check_manifest(planned)
         if scfg.train.resume:                     # a variant killed before its first checkpoint starts afresh
             planned = [(v, dataclasses.replace(t, resume=bool(step_checkpoints(Path(t.out)))), c)
                        for v, t, c in planned]
@@ -181,6 +184,9 @@ class Sweep:
         self.runs = [self._variant_run(v, tcfg, ranks) for v, tcfg, _ in planned]
         if len({len(r.trainer.data) for r in self.runs}) != 1:      # cannot happen: the grid fixes the data
             raise TrainError("the variants do not read the same batches: report this as a bug")
+        if not scfg.train.resume:                 # written once every variant could be set up
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out / SWEEP_FILE, manifest)
         self.groups = _groups(self.runs, scfg.stack)
         self._stacked: dict[tuple[int, ...], StackedSPOT] = {}
 
@@ -207,27 +213,21 @@ class Sweep:
                 "variants": [{"name": v.name, "overrides": v.overrides, "command": train_command(t)}
                              for v, t, _ in planned]}
 
-    def _write_manifest(self, planned) -> None:
-        """sweep.json: what the sweep is; a --resume must find it unchanged, a fresh start absent."""
+    def _check_manifest(self, planned) -> dict:
+        """sweep.json's content; a --resume must find the file unchanged, a fresh start absent."""
         file, new = self.out / SWEEP_FILE, self._manifest(planned)
-        if file.is_file():
-            if not self.scfg.train.resume:
-                raise TrainError(f"{self.out} already holds a sweep: pass --resume to continue it, or choose "
-                                 f"another --out")
+        if file.is_file() and not self.scfg.train.resume:
+            raise TrainError(f"{self.out} already holds a sweep: pass --resume to continue it, or choose "
+                             f"another --out")
+        if not file.is_file() and self.scfg.train.resume:
+            raise TrainError(f"--resume: {file} is missing, so there is no sweep to resume in {self.out}")
+        if self.scfg.train.resume:
             old = json.loads(file.read_text())
-            for d in (old, new):     # the file was written with the variants' full commands
-                d["variants"] = [{k: x for k, x in v.items() if k != "command"} for v in d["variants"]]
-            diff = config_diff(old, new)
+            diff = config_diff(_without_commands(old), _without_commands(new))
             if diff:
                 raise TrainError(f"--resume with a changed sweep: {', '.join(diff)} differ from {file}; resume "
                                  f"with the sweep's own settings, or start a new sweep with another --out")
-            return
-        if self.scfg.train.resume:
-            raise TrainError(f"--resume: {file} is missing, so there is no sweep to resume in {self.out}")
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(file.name + ".tmp")
-        tmp.write_text(json.dumps(new, indent=1) + "\n")
-        tmp.replace(file)
+        return new
 
     # ------------------------------------------------------------------ the one pass
 
@@ -274,6 +274,12 @@ class Sweep:
                 outs = [r.trainer.train_step(batch) for r in active]
             for r, out in zip(active, outs):
                 r.after_step(out, batch, wait)
+
+
+def _without_commands(manifest: dict) -> dict:
+    """A sweep.json without the per-variant commands (they spell out resume-free options too)."""
+    variants = [{k: x for k, x in v.items() if k != "command"} for v in manifest["variants"]]
+    return {**manifest, "variants": variants}
 
 
 def sweep(scfg: SweepConfig) -> Path:
