@@ -101,7 +101,8 @@ def main() -> None:
     for r in rows:
         cells = [f"{a:.1f}/{b:.1f}" for a, b in (r["separate_s"], r["sweep_s"])]
         cells += [f"{r['ratio_sweep'][0]:.2f}/{r['ratio_sweep'][1]:.2f}"]
-        cells += [f"{r['stacked_s'][0]:.1f}/{r['stacked_s'][1]:.1f}", f"{r['ratio_stacked'][0]:.2f}/{r['ratio_stacked'][1]:.2f}"]
+        cells += [f"{r['stacked_s'][0]:.1f}/{r['stacked_s'][1]:.1f}",
+                  f"{r['ratio_stacked'][0]:.2f}/{r['ratio_stacked'][1]:.2f}"]
         print(f"{r['grid']:<36} {r['variants']:>2} {cells[0]:>13} {cells[1]:>13} {cells[2]:>11} {cells[3]:>13} "
               f"{cells[4]:>11}")
     if args.save:

@@ -46,7 +46,8 @@ def test_grid_mistakes_are_one_message(grid, message):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"slot_attention.num_slots": "five"}, "variant v: --set slot_attention.num_slots=five: expected a value of type int"),
+    ({"slot_attention.num_slots": "five"},
+     "variant v: --set slot_attention.num_slots=five: expected a value of type int"),
     ({"slot_attention.truncate": "half"}, "variant v: .*truncate must be"),
     ({"slot_attention.use_kernel": "maybe"}, "expected a value of type bool"),
     ({"decoder.kind": "mlp"}, "variant v: .*the MLP decoder only has the raster order"),

@@ -181,7 +181,8 @@ def test_refusals_are_one_message_and_write_nothing(grid_sweep, tmp_path, monkey
     assert "Traceback" not in res.output
     res = cli("--out", tmp_path / "e", "--stage", "2", "--teachers", tmp_path, "--grid", "optim.ce_weight=0.1,0.2")
     assert res.exit_code == 1 and "no run 'ce_weight=0.1' in it" in res.output, res.output
-    res = cli("--out", tmp_path / "f", "--stage", "2", "--teacher", tmp_path / "none", "--grid", "optim.ce_weight=0.1,0.2")
+    res = cli("--out", tmp_path / "f", "--stage", "2", "--teacher", tmp_path / "none",
+              "--grid", "optim.ce_weight=0.1,0.2")
     assert res.exit_code == 1 and "no such run folder or checkpoint" in res.output, res.output
     monkeypatch.setattr(sweep_run, "check_fits", _no_room)
     with pytest.raises(TrainError, match="1 of these variants would fit"):

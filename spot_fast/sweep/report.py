@@ -2,8 +2,8 @@
 and one picture comparing the variants' masks on the same validation images.
 
 Metric columns are flat names: `decoder.mbo_i`, `slot_attention.fg_ari`, ... (higher is better),
-`train.*` (the last logged training losses) and `val.loss` (the last validation MSE), lower is better. The overall best variant is the one with
-the best `rank_by` column.
+`train.*` (the last logged training losses) and `val.loss` (the last validation MSE), lower is
+better. The overall best variant is the one with the best `rank_by` column.
 """
 from __future__ import annotations
 

@@ -25,8 +25,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from spot_fast.cache import CacheError
 from spot_fast.cache.reader import Cache
 from spot_fast.config import SPOTConfig
