@@ -23,8 +23,13 @@ test: install
 demo: install
 	$(BIN)/spot-fast data synthetic --out $(DEMO_DIR)/data
 	$(BIN)/spot-fast cache synthetic --root $(DEMO_DIR)/data --split both --preset tiny --image-size 64 \
-		--random-init --out $(DEMO_DIR)/cache
-	$(BIN)/python -m spot_fast.quickstart --cache $(DEMO_DIR)/cache --preset tiny --image-size 64 --out $(DEMO_DIR)
+		--random-init --split-block 2 --out $(DEMO_DIR)/cache
+	rm -rf $(DEMO_DIR)/teacher $(DEMO_DIR)/spot
+	$(BIN)/spot-fast train --stage 1 --cache $(DEMO_DIR)/cache --preset tiny --epochs 30 --batch-size 16 \
+		--allow-random-init --log-every 20 --out $(DEMO_DIR)/teacher
+	$(BIN)/spot-fast train --stage 2 --cache $(DEMO_DIR)/cache --preset tiny --teacher $(DEMO_DIR)/teacher \
+		--epochs 10 --batch-size 16 --allow-random-init --log-every 20 --out $(DEMO_DIR)/spot
+	$(BIN)/spot-fast eval $(DEMO_DIR)/spot --cache $(DEMO_DIR)/cache --orders all --allow-random-init
 
 clean:
 	rm -rf $(DEMO_DIR)

@@ -46,13 +46,20 @@ def parse_sets(items: list[str]) -> dict[str, str]:
     return out
 
 
+# Allowed values of the string-valued short flags.
+CHOICES = {"decoder": ("mlp", "transformer"), "train_orders": ("random", "per_sample", "standard", "all"),
+           "truncate": ("bi-level", "fixed-point", "none"), "init": ("shared_gaussian", "embedding")}
+
+
 def ablation_overrides(decoder: str | None, short: dict[str, object]) -> dict[str, str]:
     """The short flags as --set overrides; `--decoder mlp` is the DINOSAUR baseline (raster order only)."""
     from spot_fast.train.config import TrainError
+    for name, value in {"decoder": decoder, **short}.items():
+        if name in CHOICES and value is not None and value not in CHOICES[name]:
+            flag = "--" + name.replace("_", "-")
+            raise TrainError(f"{flag} must be one of {', '.join(CHOICES[name])}, got {value!r}")
     out = {SHORT_FLAGS[k]: str(v) for k, v in short.items() if v is not None}
     if decoder is not None:
-        if decoder not in ("mlp", "transformer"):
-            raise TrainError(f"--decoder must be mlp or transformer, got {decoder!r}")
         out["decoder.kind"] = decoder
         if decoder == "mlp":
             out.setdefault("decoder.train_orders", "standard")
@@ -65,6 +72,8 @@ def train(
     cache: Optional[Path] = typer.Option(None, help="Cache folder of a `--split both` build (train/ and val/)."),
     train_cache: Optional[Path] = typer.Option(None, help="Train cache (instead of --cache)."),
     val_cache: Optional[Path] = typer.Option(None, help="Val cache (default: CACHE/val when present)."),
+    stream: Optional[str] = typer.Option(None, help="Stream the train cache's WebDataset shards from these URLs "
+                                         "(brace pattern, e.g. https://host/c/shard-{00000..00099}.tar)."),
     images: Optional[Path] = typer.Option(None, help="Dataset root: run the frozen encoder on the fly."),
     dataset: str = typer.Option("coco", help="Dataset of --images: coco, voc, movi, folder, synthetic."),
     weights: Optional[str] = typer.Option(None, help="--images: encoder weights file (default: the local "
@@ -107,12 +116,13 @@ def train(
                      ce_weight=ce_weight)
         overrides = {**ablation_overrides(decoder, short), **parse_sets(set_)}
         cfg = TrainConfig(stage=stage, cache=_str(cache), train_cache=_str(train_cache), val_cache=_str(val_cache),
-                          images=_str(images), dataset=dataset, weights=weights, out=str(out), preset=preset,
-                          overrides=overrides, teacher=teacher, epochs=epochs, batch_size=batch_size, lr=lr,
+                          stream=stream, images=_str(images), dataset=dataset, weights=weights, out=str(out),
+                          preset=preset, overrides=overrides, teacher=teacher, epochs=epochs, batch_size=batch_size, lr=lr,
                           seed=seed, precision=precision, compile=compile, log_every=log_every,
                           checkpoint_every=checkpoint_every, keep_last=keep_last, resume=resume,
                           allow_random_init=allow_random_init, device=device, drop_last=drop_last,
                           max_steps=max_steps, eval_batch_size=eval_batch_size, progress=progress)
+        cfg.validate()
         run = run_training(cfg)
     typer.echo(f"run finished: {run}")
 

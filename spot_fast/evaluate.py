@@ -6,8 +6,8 @@ slot-attention masks, the predicted label maps, and a picture grid.
 
 `out` receives `metrics.json`, `labels.npz` (index, decoder, slot_attention: (n, M, M) label maps
 at the ground-truth resolution M, the exact maps the metrics were computed from) and `masks.png`
-(one row per image: image | ground-truth instances, ignored pixels white | decoder masks |
-slot-attention masks).
+(one row per image: image | ground-truth instances, background black, ignored pixels white |
+decoder masks | slot-attention masks).
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from spot_fast.model import SPOT, SPOTOutput
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [67, 99, 216], [245, 130, 49],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [188, 246, 12], [250, 190, 190],
                     [0, 128, 128], [154, 99, 36]], dtype=np.uint8)
-IGNORED = np.array([255, 255, 255], dtype=np.uint8)
+IGNORED = np.array([255, 255, 255], dtype=np.uint8)       # ground-truth pixels left out of every metric
+BACKGROUND = np.array([0, 0, 0], dtype=np.uint8)
 MASK_KINDS = ("decoder", "slot_attention")
 
 
@@ -117,7 +118,9 @@ def _picture_rows(batch: dict, maps: dict[str, torch.Tensor], n: int) -> list[np
     for j, jpeg in enumerate(batch["jpeg"][:n]):
         rgb = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
         S = rgb.shape[0]
-        gt = PALETTE[_resize_labels(batch["instance_mask"][j].cpu().numpy() % len(PALETTE), S)]
+        ids = _resize_labels(batch["instance_mask"][j].cpu().numpy(), S)
+        gt = PALETTE[(ids.astype(np.int64) - 1) % len(PALETTE)]
+        gt[ids == 0] = BACKGROUND
         gt[_resize_labels(batch["ignore_mask"][j].cpu().numpy(), S) > 0] = IGNORED
         tiles = [rgb, gt]
         for k in MASK_KINDS:

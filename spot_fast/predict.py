@@ -88,9 +88,9 @@ class Predictor:
         """A reference-format checkpoint (`cfg`: its config, e.g. preset("coco") or preset("coco", 2)).
         The frozen encoder comes from `weights`, else from the checkpoint itself (`encoder.*` for
         stage 1, `second_encoder.*` for stage 2)."""
+        from spot_fast.train.teacher import read_checkpoint_file
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        ckpt = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu",
-                                                                           weights_only=True)
+        ckpt = checkpoint if isinstance(checkpoint, dict) else read_checkpoint_file(Path(checkpoint))
         model = SPOT(cfg)
         load_reference(model, ckpt)
         if weights is not None:

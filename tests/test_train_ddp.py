@@ -12,7 +12,9 @@ import torch
 
 from spot_fast.train import train
 from spot_fast.train.state import step_checkpoints
-from train_case import run_env, tiny_caches, tiny_config, tiny_stage1_run
+from train_case import one_thread, run_env, tiny_caches, tiny_config, tiny_stage1_run  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EPOCHS = 2
 

@@ -2,10 +2,12 @@
 and losses as an fp32 cache of the same images (same sampler, same model, same seed)."""
 from __future__ import annotations
 
-from spot_fast.train import TrainError, Trainer, train
-from train_case import tiny_caches, tiny_config, train_losses
-
 import pytest
+
+from spot_fast.train import TrainError, Trainer, train
+from train_case import one_thread, tiny_caches, tiny_config, tiny_stage1_run, train_losses  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -13,7 +15,6 @@ def test_images_path_equals_the_fp32_cache(tmp_path, stage):
     caches = tiny_caches()
     kw = dict(stage=stage, epochs=1, max_steps=3)
     if stage == 2:
-        from train_case import tiny_stage1_run
         kw["teacher"] = str(tiny_stage1_run())
     from_cache = train(tiny_config(tmp_path / "cache", **kw))
     from_images = train(tiny_config(tmp_path / "images", cache=None, images=str(caches.root), dataset="synthetic",

@@ -13,7 +13,7 @@ import torch
 
 from spot_fast.train import train
 from spot_fast.train.state import step_checkpoints, step_path
-from train_case import cli_command, run_env, tiny_caches, tiny_config
+from train_case import cli_command, one_thread, run_env, tiny_caches, tiny_config  # noqa: F401 (fixture)
 
 EPOCHS, STEPS_PER_EPOCH, EVERY = 8, 5, 7     # checkpoints at steps 7, 14, ... fall inside epochs
 
@@ -26,14 +26,6 @@ def records(run) -> list[dict]:
 
 def final_weights(run) -> dict[str, torch.Tensor]:
     return torch.load(step_checkpoints(run)[-1], weights_only=True)["model"]
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)      # as the subprocess (OMP_NUM_THREADS=1): the same GEMM summation order
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow

@@ -12,6 +12,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+import torch
+
 IMAGE_SIZE, MASK_SIZE = 32, 16
 NUM_TRAIN, NUM_VAL = 22, 6      # 22 = 5 batches of 4 + 2: batches that do not divide the data
 SPLIT_BLOCK = 2
@@ -22,19 +25,20 @@ REPO = Path(__file__).resolve().parents[1]
 class TinyCaches:
     root: Path       # the synthetic dataset (COCO layout)
     both: Path       # cache folder with train/ and val/ (fp32, split tokens of block 2)
-    nosplit: Path    # a train cache without split tokens
+    nosplit: Path    # a train cache without split tokens, in WebDataset shards (5 of <= 5 images)
 
 
 _BUILT: dict[str, TinyCaches] = {}
 
 
-def _build(root: Path, source, split: str, out: Path, split_block: int | None) -> None:
+def _build(root: Path, source, split: str, out: Path, split_block: int | None, fmt: str = "zarr") -> None:
     from spot_fast.cache import CacheSpec, build_cache
     from spot_fast.config import preset
     from spot_fast.encoders import FrozenEncoder
     enc_cfg = preset("tiny").encoder
     spec = CacheSpec("synthetic", str(root), split, enc_cfg,
-                     "random-init:0", split_block=split_block, dtype="fp32", chunk_images=5, mask_size=MASK_SIZE)
+                     "random-init:0", split_block=split_block, dtype="fp32", chunk_images=5, mask_size=MASK_SIZE,
+                     format=fmt)
     encoder = FrozenEncoder.create(enc_cfg, random_init=True, seed=0)
     build_cache(source, encoder, spec, out, batch_size=8, device="cpu", progress=False)
 
@@ -51,9 +55,19 @@ def tiny_caches() -> TinyCaches:
                   ("train", None, base / "nosplit"))
         for split, block, out in builds:
             source = open_source("synthetic", root, split, image_size=IMAGE_SIZE, mask_size=MASK_SIZE)
-            _build(root, source, split, out, block)
+            _build(root, source, split, out, block, "wds" if block is None else "zarr")
         _BUILT["caches"] = TinyCaches(root, base / "cache", base / "nosplit")
     return _BUILT["caches"]
+
+
+@pytest.fixture
+def one_thread():
+    """Tests run torch on one thread, as the subprocesses do (OMP_NUM_THREADS=1): the same GEMM
+    summation order everywhere, and no thread oversubscription on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_config(out, **kw):

@@ -27,6 +27,7 @@ class TrainConfig:
     cache: str | None = None            # folder of a `cache ... --split both` build (train/ and val/ inside)
     train_cache: str | None = None      # a train cache on its own (instead of cache/train)
     val_cache: str | None = None        # a val cache on its own (instead of cache/val)
+    stream: str | None = None           # WebDataset shard URLs (brace pattern) of the train cache to stream
     images: str | None = None           # dataset root: run the frozen encoder on the fly instead of a cache
     dataset: str = "coco"               # dataset name of `images` (coco, voc, movi, folder, synthetic)
     weights: str | None = None          # `images` / predict: encoder weights file (None: local HF/hub cache)
@@ -54,7 +55,8 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (self.stage in (1, 2), f"--stage must be 1 or 2, got {self.stage}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+            (self.precision in PRECISIONS,
+             f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (self.epochs is None or self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}"),
@@ -67,6 +69,9 @@ class TrainConfig:
             ((self.cache is not None) + (self.train_cache is not None) + (self.images is not None) == 1,
              "give exactly one of --cache, --train-cache or --images"),
             (self.stage == 1 or self.teacher is not None, "stage 2 needs --teacher (a stage-1 run or checkpoint)"),
+            (self.stream is None or self.images is None,
+             "--stream needs the train cache's manifest: give --cache or --train-cache (a copy of the manifest "
+             "folder is enough), not --images"),
         ]
         for ok, message in checks:
             if not ok:

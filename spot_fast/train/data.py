@@ -11,6 +11,7 @@ same images holds. `epoch(e, start_step)` starts inside an epoch without reading
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections import OrderedDict
 from typing import Iterable, Iterator
 
@@ -23,18 +24,15 @@ from spot_fast.cache.sampler import epoch_batches, num_batches
 TOKEN_NAMES = ("features", "split_tokens")
 
 
-def device_batches(batches: Iterable[dict], device, dtype: torch.dtype = torch.float32) -> Iterator[dict]:
-    """Stand-in for `spot_fast.cache.device_batches` (reader branch): tensors to `device`
-    (non_blocking), token tensors cast to `dtype` there; other entries pass through."""
-    device = torch.device(device)
-    for batch in batches:
-        out = {}
-        for k, v in batch.items():
-            if isinstance(v, torch.Tensor):
-                v = v.to(device, non_blocking=True)
-                v = v.to(dtype) if k in TOKEN_NAMES else v
-            out[k] = v
-        yield out
+try:    # the reader's version: side-stream copies from pinned memory, the next batch prefetched
+    from spot_fast.cache import device_batches
+except ImportError:     # until the reader branch is merged: the same name and signature, plain copies
+    def device_batches(batches: Iterable[dict], device, dtype: torch.dtype = torch.float32) -> Iterator[dict]:
+        """Tensors to `device` (non_blocking), token tensors cast to `dtype` there; the rest passes."""
+        device = torch.device(device)
+        for batch in batches:
+            moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            yield {k: v.to(dtype) if k in TOKEN_NAMES else v for k, v in moved.items()}
 
 
 class _Batches:
@@ -126,7 +124,7 @@ def cache_batches(cache, batch_size: int, *, seed: int, rank: int, world_size: i
                   split_tokens: bool):
     """The cache's training batches in the stored dtype: the reader's `TrainReader` when it has the
     sampler API (`start_step`), else `CacheBatches`. Both follow the same sampler."""
-    from spot_fast.cache.reader import TrainReader
+    from spot_fast.cache import TrainReader
     if "start_step" not in inspect.signature(TrainReader.__init__).parameters:
         return CacheBatches(cache, batch_size, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last,
                             split_tokens=split_tokens)
@@ -145,3 +143,27 @@ class _ReaderBatches:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         return iter(self.cache.train_reader(self.batch_size, epoch=epoch, start_step=start_step, **self.kw))
+
+
+class StreamBatches:
+    """Training batches streamed from WebDataset shard URLs (a `--format wds` cache served over
+    HTTP or on shared storage, its shards in index order) through the reader's `WdsReader`.
+    Shards are shuffled per epoch and dealt to the ranks, then a buffer shuffles the samples.
+    Every epoch is cut to the same number of batches: what the rank with the fewest images gets
+    in the worst deal of shards, so all ranks and epochs take the same steps."""
+
+    def __init__(self, urls: list[str], manifest: dict, batch_size: int, *, seed: int, rank: int = 0,
+                 world_size: int = 1, split_tokens: bool = False):
+        self.urls, self.batch_size = urls, batch_size
+        self.kw = dict(seed=seed, rank=rank, world_size=world_size, manifest=manifest, split_tokens=split_tokens,
+                       dtype=None, drop_last=True)
+        sizes = sorted(s["images"] for s in manifest["shards"])
+        self.steps = sum(sizes[: len(sizes) // world_size]) // batch_size
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        from spot_fast.cache import WdsReader
+        reader = WdsReader(self.urls, self.batch_size, epoch=epoch, **self.kw)
+        return itertools.islice(iter(reader), start_step, self.steps)     # resuming reads the skipped batches

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import torch
 
-from spot_fast.cache import CacheError, open_cache
-from spot_fast.cache.reader import Cache
+from spot_fast.cache import Cache, CacheError, open_cache
 from spot_fast.evaluate import evaluate, reconstruction_loss
 from spot_fast.model import SPOT
 from spot_fast.schedules import cosine_schedule, warmup_epochs
 from spot_fast.train import ddp
 from spot_fast.train.config import RESUME_FREE, TrainConfig, TrainError, config_diff, model_config
-from spot_fast.train.data import cache_batches, device_batches, ImageBatches
+from spot_fast.train.data import ImageBatches, StreamBatches, cache_batches, device_batches
 from spot_fast.train.logging import LOG_FILE, RunLog, truncate_log
 from spot_fast.train.state import (BEST, CHECKPOINTS, TrainState, checkpoint, newest_checkpoint, read_checkpoint,
                                    save_atomic, save_step, set_rng_state, step_checkpoints, write_json_atomic)
@@ -59,6 +58,7 @@ class Trainer:
         self.forward_model = self._wrap(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.optim.lr, betas=(0.9, 0.999))
         self.state = TrainState()
+        self.meter: _Meter | None = None        # the loss sums of a running fit()
         self.steps_per_epoch = len(self.data)
         if self.steps_per_epoch == 0:
             raise TrainError(f"the training data ({self.data_info['train_samples']} images) gives no batch of "
@@ -90,14 +90,27 @@ class Trainer:
                 self.val_cache = open_cache(val_path, expect=cfg, allow_random_init=t.allow_random_init)
         except CacheError as e:
             raise TrainError(str(e)) from None
-        data = cache_batches(cache, cfg.optim.batch_size, seed=t.seed, rank=self.ranks.rank,
-                             world_size=self.ranks.world_size, drop_last=t.drop_last, split_tokens=cfg.stage == 2)
+        if t.stream is not None:
+            data = self._stream(manifest, cfg)
+        else:
+            data = cache_batches(cache, cfg.optim.batch_size, seed=t.seed, rank=self.ranks.rank,
+                                 world_size=self.ranks.world_size, drop_last=t.drop_last, split_tokens=cfg.stage == 2)
         info = {"train_cache": str(path), "train_manifest_sha256": _sha256(path / "manifest.json"),
                 "weights": manifest["weights"], "train_samples": cache.num_images}
         if self.val_cache is not None:
             info.update(val_cache=str(self.val_cache.path),
                         val_manifest_sha256=_sha256(self.val_cache.path / "manifest.json"))
         return cfg, data, info, cache.tail_state() if cfg.stage == 2 else None
+
+    def _stream(self, manifest: dict, cfg) -> StreamBatches:
+        from webdataset.shardlists import expand_urls
+        urls = expand_urls(self.tcfg.stream)
+        if manifest["format"] != "wds" or len(urls) != len(manifest["shards"]):
+            raise TrainError(f"--stream gives {len(urls)} shard URLs for a {manifest['format']} cache of "
+                             f"{len(manifest['shards'])} shards: stream the shards of a --format wds cache, all of "
+                             f"them, in index order (shard-00000.tar, ...)")
+        return StreamBatches(urls, manifest, cfg.optim.batch_size, seed=self.tcfg.seed, rank=self.ranks.rank,
+                             world_size=self.ranks.world_size, split_tokens=cfg.stage == 2)
 
     def _open_images(self):
         from spot_fast.data.base import DatasetError
@@ -180,8 +193,9 @@ class Trainer:
         return {"model": self.cfg.to_dict(), "train": self.tcfg.to_dict(), "data": self.data_info,
                 "world_size": self.ranks.world_size}
 
-    def _prepare_run(self) -> None:
-        """Write config.json; on --resume check it is unchanged and load the newest checkpoint."""
+    def prepare_run(self) -> None:
+        """Write config.json; on --resume check it is unchanged and load the newest checkpoint.
+        `fit()` starts with it; a driver that calls `train_step` itself calls it before `save()`."""
         file = self.run / CONFIG_FILE
         have = step_checkpoints(self.run)
         if self.tcfg.resume:
@@ -223,14 +237,14 @@ class Trainer:
         return save_step(self.run, self._checkpoint(), self.tcfg.keep_last)
 
     def _checkpoint(self) -> dict:
-        if hasattr(self, "meter"):
+        if self.meter is not None:
             self.state.epoch_loss_sum, self.state.epoch_loss_count = self.meter.epoch_totals()
         return checkpoint(self.model, self.optimizer, self.state, self.cfg, self.tcfg.to_dict())
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> Path:
-        self._prepare_run()
+        self.prepare_run()
         total = self.cfg.optim.epochs * self.steps_per_epoch
         if self.tcfg.max_steps:
             total = min(total, self.tcfg.max_steps)
@@ -250,11 +264,13 @@ class Trainer:
     def _epoch(self, total: int, meter: "_Meter", log: RunLog) -> None:
         batches = device_batches(self.data.epoch(self.state.epoch, self.state.step_in_epoch), self.device)
         end_of_epoch = self.state.step + self.steps_per_epoch - self.state.step_in_epoch
+        exhausted = False
         while self.state.step < total:
             t0 = time.perf_counter()
             batch = next(batches, None)
             meter.wait += time.perf_counter() - t0
             if batch is None:
+                exhausted = True
                 break
             meter.add(self.train_step(batch), batch["features"].shape[0] * self.ranks.world_size, self.state.step)
             s = self.state.step
@@ -264,7 +280,7 @@ class Trainer:
             if every and s % every == 0 and s != end_of_epoch:
                 self._check_finite(meter)
                 self.save()
-        if self.state.step_in_epoch == self.steps_per_epoch:
+        if exhausted or self.state.step_in_epoch == self.steps_per_epoch:
             self._end_epoch(meter, log)
 
     def _end_epoch(self, meter: "_Meter", log: RunLog) -> None:

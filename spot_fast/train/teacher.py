@@ -24,12 +24,14 @@ from spot_fast.train.state import FORMAT, checkpoint_file
 GEOMETRY = ("name", "image_size", "patch_size", "embed_dim")
 
 
-def _read_reference(path: Path) -> dict:
+def read_checkpoint_file(path: Path) -> dict:
+    """Any checkpoint file, tensors and plain values only (a reference run's pickled argparse
+    Namespace of options is allowed); TrainError if it cannot be read."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise TrainError(f"--teacher {path} is unreadable as a checkpoint ({type(e).__name__}: {e})") from None
+        raise TrainError(f"{path} is unreadable as a checkpoint ({type(e).__name__}: {e})") from None
 
 
 def reference_config(state: dict, like: SPOTConfig) -> SPOTConfig:
@@ -63,7 +65,7 @@ def load_teacher(path: str, student: SPOTConfig, device="cpu") -> SPOT:
     file = checkpoint_file(path) if Path(path).exists() else Path(path)
     if not file.is_file():
         raise TrainError(f"--teacher {path}: no such run folder or checkpoint")
-    raw = _read_reference(file)
+    raw = read_checkpoint_file(file)
     if isinstance(raw, dict) and raw.get("format") == FORMAT:      # a spot-fast checkpoint
         cfg = SPOTConfig.from_dict(raw["config"])
         _check_fits(cfg, student, str(path))
