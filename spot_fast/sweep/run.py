@@ -59,8 +59,9 @@ class SweepConfig:
 
     def validate(self) -> None:
         t = self.train
-        if t.images is not None:
-            raise TrainError("a sweep trains from a feature cache: give --cache (or --train-cache), not --images")
+        if t.images is not None or t.stream is not None:
+            raise TrainError("a sweep trains from a local feature cache: give --cache (or --train-cache), "
+                             "not --images or --stream")
         if t.stage == 2 and (t.teacher is None) == (self.teachers is None):
             raise TrainError("stage 2 needs exactly one of --teacher (shared) or --teachers (a stage-1 sweep folder)")
         if self.stack and t.compile:

@@ -3,7 +3,8 @@
 ADAPTER. `Trainer.fit()` pulls batches from the trainer's own reader; a sweep must hand the same
 device batch to every variant. `VariantRun` therefore repeats fit()'s bookkeeping around batches
 it is given (run folder, log, meter, checkpoints, end-of-epoch validation, final evaluation) using
-the Trainer's own methods, and `stacked_train_step` repeats `Trainer.train_step` for a stacked
+the Trainer's own methods (`prepare_run` is public; `_Meter`, `_log`, `_check_finite`,
+`_end_epoch` and `_finish` are not yet), and `stacked_train_step` repeats `Trainer.train_step` for a stacked
 group (lr, randomness, zero_grad -> ONE forward/backward -> clip, Adam step per variant). Both go
 away once the trainer exposes `begin()` / `step(batch)` / `end()` (fit = begin, step each batch,
 end) and splits `train_step` into before/forward-backward/after.
@@ -53,7 +54,7 @@ class VariantRun:
     def begin(self) -> None:
         """Write (or, resuming, check and load) the run folder and open its log."""
         t = self.trainer
-        t._prepare_run()
+        t.prepare_run()
         evaluated = t.val_cache is None or all((t.run / "eval" / f).is_file() for f in ("metrics.json", "labels.npz"))
         self.finished = t.state.step >= self.total and evaluated
         self.log = RunLog(t.run if t.ranks.main else None, self.total, t.state.step, progress=False)
