@@ -87,8 +87,8 @@ def test_stacked_stage1_equals_separate_models_forward_backward():
     _check(preset("tiny"))
 
 
-def test_stacked_adam_steps_equal_separate_models():
-    _check(preset("tiny"), adam_steps=2)
+def test_stacked_adam_step_equals_separate_models():
+    _check(preset("tiny"), adam_steps=1)       # outputs, gradients and weights after one Adam update
 
 
 def test_stacked_stage2_student_and_all_orders():
