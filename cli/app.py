@@ -42,6 +42,8 @@ def _register():
     from spot_fast.cli.train import train as train_command
     app.command("train")(train_command)
     app.command("eval")(eval_command)
+    from spot_fast.cli.sweep import sweep as sweep_command
+    app.command("sweep")(sweep_command)
 
 
 _register()

@@ -1,0 +1,109 @@
+"""Grid and variants-file parsing: products, names, typed overrides, one clear message per mistake."""
+from __future__ import annotations
+
+import pytest
+
+from spot_fast.config import preset
+from spot_fast.sweep.grid import GridError, Variant, expand, load_variants, resolve
+
+
+def test_grid_product_names_and_resolved_configs():
+    variants = expand(["slot_attention.num_slots=5,6,7", "slot_attention.truncate=none,bi-level"])
+    assert [v.name for v in variants] == [
+        "num_slots=5_truncate=none", "num_slots=5_truncate=bi-level", "num_slots=6_truncate=none",
+        "num_slots=6_truncate=bi-level", "num_slots=7_truncate=none", "num_slots=7_truncate=bi-level"]
+    cfg = resolve(preset("coco"), variants[3])
+    assert cfg.slot_attention.num_slots == 6 and cfg.slot_attention.truncate == "bi-level"
+    assert cfg.slot_attention.slot_size == 256 and cfg.decoder == preset("coco").decoder
+
+
+def test_ambiguous_short_keys_keep_their_section():
+    names = [v.name for v in expand(["slot_attention.num_heads=1,2", "decoder.num_heads=2,4"])]
+    assert names[0] == "slot_attention.num_heads=1_decoder.num_heads=2"
+
+
+def test_typed_values_none_and_bool():
+    cfg = resolve(preset("tiny"), Variant("v", {"decoder.num_cross_heads": "none", "optim.final_ce_weight": "1e-3",
+                                                "slot_attention.use_kernel": "false"}))
+    assert cfg.decoder.num_cross_heads is None and cfg.optim.final_ce_weight == 1e-3
+    assert cfg.slot_attention.use_kernel is False
+    assert resolve(preset("tiny"), Variant("v", {"decoder.num_cross_heads": "1"})).decoder.num_cross_heads == 1
+
+
+@pytest.mark.parametrize("grid, message", [
+    (["slot_attention.num_slotz=5,6"], "unknown key 'slot_attention.num_slotz': did you mean slot_attention.num_slots"),
+    (["slots.num=5"], "unknown key 'slots.num': keys: decoder.eval_orders, decoder.kind, "),
+    (["slot_attention.num_slots"], "write key=value1,value2"),
+    (["slot_attention.num_slots=5,,6"], "write key=value1,value2"),
+    (["slot_attention.num_slots=5,5"], "listed twice"),
+    (["encoder.image_size=224,448"], "the cache fixes the encoder"),
+    (["optim.batch_size=32,64"], "same batches"),
+    (["decoder.kind=mlp", "decoder.kind=transformer"], "lists a key twice"),
+])
+def test_grid_mistakes_are_one_message(grid, message):
+    with pytest.raises(GridError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        expand(grid)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"slot_attention.num_slots": "five"},
+     "variant v: --set slot_attention.num_slots=five: expected a value of type int"),
+    ({"slot_attention.truncate": "half"}, "variant v: .*truncate must be"),
+    ({"slot_attention.use_kernel": "maybe"}, "expected a value of type bool"),
+    ({"decoder.kind": "mlp"}, "variant v: .*the MLP decoder only has the raster order"),
+])
+def test_bad_values_name_the_variant_and_key(overrides, message):
+    with pytest.raises(GridError, match=message):
+        resolve(preset("tiny"), Variant("v", overrides))
+
+
+VARIANTS = """
+[base]
+decoder.eval_orders = "all"
+
+[variants.spot]
+
+[variants.dinosaur]
+decoder = { kind = "mlp", train_orders = "standard", eval_orders = "standard" }
+
+[variants.no-trunc]
+"slot_attention.truncate" = "none"
+optim.ce_weight = 0.01
+slot_attention.use_kernel = false
+"""
+
+
+def test_variants_file_with_base_nested_and_dotted_keys(tmp_path):
+    path = tmp_path / "v.toml"
+    path.write_text(VARIANTS)
+    spot, dino, trunc = load_variants(path)
+    assert spot.name == "spot" and spot.overrides == {"decoder.eval_orders": "all"}
+    assert dino.overrides["decoder.kind"] == "mlp" and dino.overrides["decoder.eval_orders"] == "standard"
+    assert trunc.overrides == {"decoder.eval_orders": "all", "slot_attention.truncate": "none",
+                               "optim.ce_weight": "0.01", "slot_attention.use_kernel": "false"}
+    assert resolve(preset("tiny"), dino).decoder.num_orders == 1
+    names = [v.name for v in expand(["optim.lr=1e-4,4e-4"], path)]
+    assert names[:2] == ["spot_lr=1e-4", "spot_lr=4e-4"] and len(names) == 6
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[variants.a]\nx = [1, 2]", "must be a number, a string or a boolean"),
+    ("[variantz.a]\nx = 1", r"write \[variants.NAME\] tables"),
+    ("[variants.a\n", "is not valid TOML"),
+    ('[variants."a b"]\n', "variant name 'a b'"),
+    ("[variants.a]\noptim.epochs = 3", "optim.epochs cannot vary"),
+])
+def test_variants_file_mistakes(tmp_path, text, message):
+    path = tmp_path / "v.toml"
+    path.write_text(text)
+    with pytest.raises(GridError, match=message):
+        expand([], path)
+
+
+def test_missing_variants_file_and_grid_clash(tmp_path):
+    with pytest.raises(GridError, match="cannot read the variants file"):
+        load_variants(tmp_path / "nope.toml")
+    path = tmp_path / "v.toml"
+    path.write_text("[variants.a]\nslot_attention.num_slots = 4\n")
+    with pytest.raises(GridError, match="'a' sets slot_attention.num_slots, which --grid also varies"):
+        expand(["slot_attention.num_slots=5,6"], path)
