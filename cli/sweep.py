@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from spot_fast.cli.train import _str, parse_sets, user_errors
+from spot_fast.cli.train import _str, parse_sets
 
 
 def sweep(
@@ -59,17 +59,16 @@ def sweep(
     into every variant; each variant gets its own `spot-fast train` run folder."""
     from spot_fast.sweep.run import SweepConfig, plan as plan_sweep, sweep as run_sweep
     from spot_fast.train import TrainConfig
-    with user_errors():
-        cfg = TrainConfig(stage=stage, cache=_str(cache), train_cache=_str(train_cache), val_cache=_str(val_cache),
-                          out=str(out), preset=preset, overrides=parse_sets(set_), teacher=teacher, epochs=epochs,
-                          batch_size=batch_size, lr=lr, seed=seed, precision=precision, log_every=log_every,
-                          checkpoint_every=checkpoint_every, keep_last=keep_last, resume=resume,
-                          allow_random_init=allow_random_init, device=device, drop_last=drop_last,
-                          max_steps=max_steps, eval_batch_size=eval_batch_size, progress=False)
-        scfg = SweepConfig(train=cfg, grid=list(grid), variants_file=_str(variants), teachers=_str(teachers),
-                           stack=stack, rank_by=rank_by, check_memory=check_memory)
-        if plan:
-            typer.echo(plan_sweep(scfg))
-            return
-        folder = run_sweep(scfg)
+    cfg = TrainConfig(stage=stage, cache=_str(cache), train_cache=_str(train_cache), val_cache=_str(val_cache),
+                      out=str(out), preset=preset, overrides=parse_sets(set_), teacher=teacher, epochs=epochs,
+                      batch_size=batch_size, lr=lr, seed=seed, precision=precision, log_every=log_every,
+                      checkpoint_every=checkpoint_every, keep_last=keep_last, resume=resume,
+                      allow_random_init=allow_random_init, device=device, drop_last=drop_last,
+                      max_steps=max_steps, eval_batch_size=eval_batch_size, progress=False)
+    scfg = SweepConfig(train=cfg, grid=list(grid), variants_file=_str(variants), teachers=_str(teachers),
+                       stack=stack, rank_by=rank_by, check_memory=check_memory)
+    if plan:
+        typer.echo(plan_sweep(scfg))
+        return
+    folder = run_sweep(scfg)
     typer.echo(f"sweep finished: {folder}")

@@ -169,21 +169,21 @@ def test_refusals_are_one_message_and_write_nothing(grid_sweep, tmp_path, monkey
                                            "--allow-random-init", "--device", "cpu", "--batch-size", "4",
                                            *map(str, args)])
     res = cli("--out", grid_sweep, *sum((["--grid", g] for g in GRID), []))
-    assert res.exit_code == 1 and "already holds a sweep: pass --resume" in res.output, res.output
+    assert res.exit_code == 2 and "already holds a sweep: pass --resume" in res.output, res.output
     res = cli("--out", grid_sweep, "--resume", "--epochs", EPOCHS, "--grid", "slot_attention.num_slots=3,5")
-    assert res.exit_code == 1 and "--resume with a changed sweep: grid, variants differ" in res.output, res.output
+    assert res.exit_code == 2 and "--resume with a changed sweep: grid, variants differ" in res.output, res.output
     res = cli("--out", tmp_path / "a", "--grid", "optim.batch_size=4,8")
-    assert res.exit_code == 1 and "optim.batch_size cannot vary inside a sweep" in res.output
+    assert res.exit_code == 2 and "optim.batch_size cannot vary inside a sweep" in res.output
     res = cli("--out", tmp_path / "b", "--lr", "1e-3", "--grid", "optim.lr=1e-3,2e-3")
-    assert res.exit_code == 1 and "--lr fixes every variant's optim.lr" in res.output
+    assert res.exit_code == 2 and "--lr fixes every variant's optim.lr" in res.output
     res = cli("--out", tmp_path / "c", "--stage", "2", "--grid", "optim.ce_weight=0.1,0.2")
-    assert res.exit_code == 1 and "stage 2 needs exactly one of --teacher" in res.output
+    assert res.exit_code == 2 and "stage 2 needs exactly one of --teacher" in res.output
     assert "Traceback" not in res.output
     res = cli("--out", tmp_path / "e", "--stage", "2", "--teachers", tmp_path, "--grid", "optim.ce_weight=0.1,0.2")
-    assert res.exit_code == 1 and "no run 'ce_weight=0.1' in it" in res.output, res.output
+    assert res.exit_code == 2 and "no run 'ce_weight=0.1' in it" in res.output, res.output
     res = cli("--out", tmp_path / "f", "--stage", "2", "--teacher", tmp_path / "none",
               "--grid", "optim.ce_weight=0.1,0.2")
-    assert res.exit_code == 1 and "no such run folder or checkpoint" in res.output, res.output
+    assert res.exit_code == 2 and "no such run folder or checkpoint" in res.output, res.output
     monkeypatch.setattr(sweep_run, "check_fits", _no_room)
     with pytest.raises(TrainError, match="1 of these variants would fit"):
         Sweep(SweepConfig(train=tiny_config(tmp_path / "d"), grid=GRID))

@@ -25,8 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spot_fast.cache import CacheError
-from spot_fast.cache.reader import Cache
+from spot_fast.cache import Cache, CacheError, device_batches
 from spot_fast.config import SPOTConfig
 from spot_fast.evaluate import MASK_KINDS
 from spot_fast.metrics import METRIC_NAMES
@@ -37,7 +36,6 @@ from spot_fast.sweep.stacked import StackedSPOT, stack_key
 from spot_fast.sweep.variant import SharedTeacher, VariantRun, stacked_train_step
 from spot_fast.train import ddp
 from spot_fast.train.config import RESUME_FREE, TrainConfig, TrainError, config_diff, model_config
-from spot_fast.train.data import device_batches
 from spot_fast.train.loop import Trainer
 from spot_fast.train.state import step_checkpoints, write_json_atomic
 
