@@ -33,7 +33,7 @@ CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 2, "name": "rectangle"},
               {"id": 5, "name": "star"})
 SEGMENTATION_FORMATS = ("polygon", "rle", "uncompressed_rle")
 TEXTURES = ("flat", "stripes", "checker")          # object textures, in the order drawn from
-BACKGROUNDS = ("gradient", "blobs", "stripes")     # backgrounds, in the order drawn from
+BACKGROUNDS = ("gradient", "blobs", "stripes", "flat")  # background kinds; the default draws the first 3
 _SPLIT_ID_BASE = {"train": 1, "val": 1_000_001}  # distinct image ids across splits
 
 
@@ -49,7 +49,7 @@ class SyntheticConfig:
     jpeg_quality: int = 95
     # Difficulty knobs (defaults: the "mixed" level).
     textures: tuple[str, ...] = TEXTURES        # object textures drawn from (a subset of TEXTURES)
-    backgrounds: tuple[str, ...] = BACKGROUNDS  # backgrounds drawn from (a subset of BACKGROUNDS)
+    backgrounds: tuple[str, ...] = BACKGROUNDS[:3]  # backgrounds drawn from (a subset of BACKGROUNDS)
     min_radius: float = 0.15   # object circumradius range, as a fraction of the shorter side
     max_radius: float = 0.3
     noise_std: float = 4.0     # per-pixel Gaussian noise (0-255 scale) added to the whole image
@@ -145,8 +145,8 @@ def _blobs(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
 
 
 def background(rng: np.random.Generator, height: int, width: int,
-               kinds: tuple[str, ...] = BACKGROUNDS) -> np.ndarray:
-    """(H, W, 3) float32 background: gradient, smooth noise or stripes between two colours."""
+               kinds: tuple[str, ...] = BACKGROUNDS[:3]) -> np.ndarray:
+    """(H, W, 3) float32 background: gradient, smooth noise or stripes between two colours, or flat."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     kind = BACKGROUNDS.index(kinds[rng.integers(len(kinds))])
     if kind == 0:
@@ -155,8 +155,10 @@ def background(rng: np.random.Generator, height: int, width: int,
         weight = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     elif kind == 1:
         weight = _blobs(rng, height, width)
-    else:
+    elif kind == 2:
         weight = _stripes(rng, yy, xx)
+    else:
+        weight = np.zeros((height, width), dtype=np.float32)
     a, b = _colour(rng), _colour(rng)
     return a * (1 - weight[..., None]) + b * weight[..., None]
 
