@@ -28,6 +28,8 @@ def _register():
     from spot_fast.cli.train import train as train_command
     app.command("train")(train_command)
     app.command("eval")(eval_command)
+    from spot_fast.cli.demo import demo as demo_command
+    app.command("demo")(demo_command)
 
 
 _register()
