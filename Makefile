@@ -1,5 +1,6 @@
 # Two entry points that work on a fresh machine (Python 3.11, package registries reachable):
-#   make demo   installs spot-fast and runs the main job on the built-in synthetic dataset
+#   make demo   installs spot-fast and runs `spot-fast demo` (synthetic data -> cache -> stage 1, stage 2,
+#               DINOSAUR -> one table against trivial baselines + report) in $(DEMO_DIR)
 #   make test   installs spot-fast with its test extras and runs the test suite
 PY ?= python3
 VENV ?= .venv
@@ -21,10 +22,7 @@ test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: install
-	$(BIN)/spot-fast data synthetic --out $(DEMO_DIR)/data
-	$(BIN)/spot-fast cache synthetic --root $(DEMO_DIR)/data --split both --preset tiny --image-size 64 \
-		--random-init --out $(DEMO_DIR)/cache
-	$(BIN)/python -m spot_fast.quickstart --cache $(DEMO_DIR)/cache --preset tiny --image-size 64 --out $(DEMO_DIR)
+	$(BIN)/spot-fast demo --out $(DEMO_DIR)
 
 clean:
 	rm -rf $(DEMO_DIR)

@@ -330,8 +330,9 @@ def write_report(cfg: DemoConfig, rows: list[dict], times: dict[str, float], enc
         "## What this shows, and what it does not",
         "",
         "It shows the whole pipeline (data -> feature cache -> both SPOT stages and DINOSAUR -> "
-        "evaluation) learning to group pixels into objects better than layouts that ignore the image. "
-        "It is not COCO: flat-coloured shapes on plain backgrounds, "
+        "evaluation) at work, and, in the rows marked yes above, learning to group pixels into objects "
+        "better than layouts that ignore the image. It is not COCO: flat-coloured shapes on plain "
+        "backgrounds, "
         + ("a random-init ViT whose features carry only each patch's colour and position (no "
            "pretraining), " if cfg.weights is None else f"real {cfg.encoder} weights at a small resolution, ")
         + "a few minutes of training. Its figures say nothing about SPOT's quality on natural images "
