@@ -221,7 +221,7 @@ def _demo() -> SPOTConfig:
                               num_heads=2, split_block=1),
         slot_attention=SlotAttentionConfig(num_slots=5, slot_size=32, mlp_hidden=64),
         decoder=DecoderConfig(num_blocks=2, num_heads=2, mlp_hidden=128),
-        optim=OptimConfig(batch_size=32, epochs=30, lr=4e-3, lr_min=4e-5, warmup_steps=30))
+        optim=OptimConfig(batch_size=32, epochs=30, lr=4e-3, lr_min=4e-5, warmup_steps=32))
 
 
 PRESETS = {"coco": _coco, "voc": _voc, "movi-c": lambda: _movi(11), "movi-e": lambda: _movi(24),

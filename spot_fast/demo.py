@@ -195,10 +195,13 @@ def make_caches(cfg: DemoConfig, data: Path, say=print) -> Path:
 # ----------------------------------------------------------------------------- 3. train
 
 def train_config(cfg: DemoConfig, name: str, cache: Path):
-    """The TrainConfig of one of MODELS on the demo cache (the `demo` preset)."""
+    """The TrainConfig of one of MODELS on the demo cache (the `demo` preset, one warm-up epoch)."""
     from spot_fast.train import TrainConfig
     out = Path(cfg.out)
-    overrides = {**cfg.extra, **(DINOSAUR if name == "dinosaur" else {})}
+    batch = int(cfg.extra.get("optim.batch_size", preset("demo").optim.batch_size))
+    # one epoch of lr warm-up whatever the dataset size (the trainer counts it in whole epochs)
+    warmup = {"optim.warmup_steps": str(math.ceil(cfg.num_train / batch))}
+    overrides = {**warmup, **cfg.extra, **(DINOSAUR if name == "dinosaur" else {})}
     stage2 = name == "stage2"
     return TrainConfig(stage=2 if stage2 else 1, cache=str(cache), out=str(out / name), preset="demo",
                        overrides=overrides, teacher=str(out / "stage1") if stage2 else None,

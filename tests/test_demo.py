@@ -13,8 +13,8 @@ from spot_fast.baselines import grid_labels, one_slot_labels
 from spot_fast.demo import (MODELS, DemoConfig, DemoError, demo_encoder, make_data, run_demo, sincos_table)
 from spot_fast.metrics import MetricAccumulator
 
-# A few steps of each model: batch 8 over 32 images (4 steps an epoch), no warm-up.
-TINY = {"optim.batch_size": "8", "optim.warmup_steps": "0"}
+# A few steps of each model: batch 8 over 32 images (4 steps an epoch).
+TINY = {"optim.batch_size": "8"}
 
 
 def tiny_config(out, **kw) -> DemoConfig:
@@ -119,6 +119,15 @@ def test_bad_options_are_named(tmp_path, field, value, message):
     with pytest.raises(DemoError, match=message):
         tiny_config(tmp_path, **{field: value}).validate()
     assert not any(tmp_path.iterdir())              # nothing written
+
+
+def test_real_weights_use_the_named_encoder_and_its_last_two_blocks(tmp_path):
+    from spot_fast.demo import cache_encoder
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    enc = cache_encoder(tiny_config(tmp_path, weights=str(weights), encoder="dino_vits8"))
+    assert (enc.name, enc.split_block, enc.image_size, enc.spec.patch_size) == ("dino_vits8", 10, 64, 8)
+    assert cache_encoder(tiny_config(tmp_path)).name == "custom"
 
 
 def test_cli_bad_option_is_one_line(tmp_path):
