@@ -215,12 +215,12 @@ def _tiny() -> SPOTConfig:
 
 def _demo() -> SPOTConfig:
     """`spot-fast demo`: 64 px synthetic scenes, a 2-block random-init ViT (8x8 patches of 8 px,
-    64 wide), small slots and decoders, a short high-lr schedule: minutes on a CPU."""
+    64 wide), 4 small slots, small decoders, a short high-lr schedule: minutes on a CPU."""
     return SPOTConfig(
         encoder=EncoderConfig(name="custom", image_size=64, patch_size=8, embed_dim=64, depth=2,
                               num_heads=2, split_block=1),
-        slot_attention=SlotAttentionConfig(num_slots=5, slot_size=32, mlp_hidden=64),
-        decoder=DecoderConfig(num_blocks=2, num_heads=2, mlp_hidden=128),
+        slot_attention=SlotAttentionConfig(num_slots=4, slot_size=32, mlp_hidden=64),
+        decoder=DecoderConfig(num_blocks=2, num_heads=2, mlp_hidden=64),
         optim=OptimConfig(batch_size=32, epochs=30, lr=4e-3, lr_min=4e-5, warmup_steps=32))
 
 

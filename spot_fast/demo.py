@@ -41,7 +41,7 @@ MODEL_TITLES = {"stage1": "SPOT stage 1", "stage2": "SPOT stage 2", "dinosaur": 
 DINOSAUR = {"decoder.kind": "mlp", "decoder.train_orders": "standard", "decoder.eval_orders": "standard"}
 METRIC_TITLES = {"fg_ari": "FG-ARI", "mbo_i": "mBO^i", "mbo_c": "mBO^c", "miou": "mIoU"}
 DATA_RECORD = "demo_data.json"      # the SyntheticConfig the data folder was written with
-POSITION_SCALE = 0.5                # demo encoder: amplitude of the sin-cos position table
+POSITION_SCALE = 0.25               # demo encoder: amplitude of the sin-cos position table
 
 
 class DemoError(Exception):

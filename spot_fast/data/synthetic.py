@@ -12,9 +12,9 @@ through polygon, compressed RLE (string counts) and uncompressed RLE (list count
 a pure function of the seed.
 
 The scenes' difficulty has knobs (object textures, backgrounds, object size, pixel noise) and
-named levels in `LEVELS`: "mixed" (the defaults above) and "easy" (flat-coloured large shapes on
-a smooth gradient: what a random-init encoder + a few CPU minutes of training can segment, used
-by `spot-fast demo`). `SyntheticConfig.at_level("easy", num_train=...)` builds one.
+named levels in `LEVELS`: "mixed" (the defaults above) and "easy" (large flat-coloured shapes on
+a flat background: what a random-init encoder and a few CPU minutes of training can segment,
+used by `spot-fast demo`). `SyntheticConfig.at_level("easy", num_train=...)` builds one.
 """
 from __future__ import annotations
 
@@ -73,12 +73,12 @@ class SyntheticConfig:
         return cls(**{**LEVELS[level], **fields})
 
 
-# Named difficulty levels: SyntheticConfig fields. "easy": flat colours, large shapes, one smooth
-# background kind and little noise, so that colour alone separates the objects.
+# Named difficulty levels: SyntheticConfig fields. "easy" (the demo's): 1-3 large flat-coloured
+# shapes on a flat background, no forced overlap, little noise: colour alone tells the objects apart.
 LEVELS: dict[str, dict] = {
     "mixed": {},
-    "easy": dict(textures=("flat",), backgrounds=("gradient",), min_radius=0.2, max_radius=0.32,
-                 noise_std=2.0, min_objects=2, max_objects=4),
+    "easy": dict(textures=("flat",), backgrounds=("flat",), min_radius=0.25, max_radius=0.38, noise_std=2.0,
+                 min_objects=1, max_objects=3, overlap_prob=0.0),
 }
 
 
