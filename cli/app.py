@@ -44,6 +44,8 @@ def _register():
     app.command("eval")(eval_command)
     from spot_fast.cli.sweep import sweep as sweep_command
     app.command("sweep")(sweep_command)
+    from spot_fast.cli.demo import demo as demo_command
+    app.command("demo")(demo_command)
 
 
 _register()

@@ -1,7 +1,7 @@
 """Dataclass configs for every component, and named presets with the reference's defaults.
 
 `preset("coco")` gives the stage-1 model of the paper's COCO run; `preset("coco", stage=2)` the
-stage-2 student. `tiny` is a few-thousand-parameter model for tests and the demo.
+stage-2 student. `tiny` is a few-thousand-parameter model for tests; `demo` the model of `spot-fast demo`.
 """
 from __future__ import annotations
 
@@ -213,15 +213,27 @@ def _tiny() -> SPOTConfig:
         optim=OptimConfig(batch_size=8, epochs=2, warmup_steps=10))
 
 
+def _demo() -> SPOTConfig:
+    """`spot-fast demo`: 64 px synthetic scenes, a 2-block random-init ViT (8x8 patches of 8 px,
+    64 wide), 4 small slots, small decoders, a short high-lr schedule: minutes on a CPU."""
+    return SPOTConfig(
+        encoder=EncoderConfig(name="custom", image_size=64, patch_size=8, embed_dim=64, depth=2,
+                              num_heads=2, split_block=1),
+        slot_attention=SlotAttentionConfig(num_slots=4, slot_size=32, mlp_hidden=64),
+        decoder=DecoderConfig(num_blocks=2, num_heads=2, mlp_hidden=64),
+        optim=OptimConfig(batch_size=32, epochs=30, lr=4e-3, lr_min=4e-5, warmup_steps=32))
+
+
 PRESETS = {"coco": _coco, "voc": _voc, "movi-c": lambda: _movi(11), "movi-e": lambda: _movi(24),
-           "tiny": _tiny}
+           "tiny": _tiny, "demo": _demo}
 
 # Stage-2 epochs and learning rates where they differ from stage 1 (spec section 5).
-_STAGE2_OPTIM = {"movi-c": dict(epochs=30, lr_min=1.5e-4), "movi-e": dict(epochs=30, lr_min=1.5e-4)}
+_STAGE2_OPTIM = {"movi-c": dict(epochs=30, lr_min=1.5e-4), "movi-e": dict(epochs=30, lr_min=1.5e-4),
+                 "demo": dict(epochs=10)}
 
 
 def preset(name: str, stage: int = 1) -> SPOTConfig:
-    """A named configuration: coco, voc, movi-c, movi-e (the reference's defaults) or tiny."""
+    """A named configuration: coco, voc, movi-c, movi-e (the reference's defaults), tiny or demo."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
     cfg = PRESETS[name]()

@@ -10,6 +10,11 @@ landscape or portrait (shorter side `image_size`, longer side 4/3 of it). Annota
 whole (amodal) shape, so overlaps show up in the ignore mask; their segmentation format cycles
 through polygon, compressed RLE (string counts) and uncompressed RLE (list counts). Everything is
 a pure function of the seed.
+
+The scenes' difficulty has knobs (object textures, backgrounds, object size, pixel noise) and
+named levels in `LEVELS`: "mixed" (the defaults above) and "easy" (large flat-coloured shapes on
+a flat background: what a random-init encoder and a few CPU minutes of training can segment,
+used by `spot-fast demo`). `SyntheticConfig.at_level("easy", num_train=...)` builds one.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 2, "name": "rectangle"},
               {"id": 3, "name": "triangle"}, {"id": 4, "name": "pentagon"},
               {"id": 5, "name": "star"})
 SEGMENTATION_FORMATS = ("polygon", "rle", "uncompressed_rle")
+TEXTURES = ("flat", "stripes", "checker")          # object textures, in the order drawn from
+BACKGROUNDS = ("gradient", "blobs", "stripes", "flat")  # background kinds; the default draws the first 3
 _SPLIT_ID_BASE = {"train": 1, "val": 1_000_001}  # distinct image ids across splits
 
 
@@ -43,6 +50,39 @@ class SyntheticConfig:
     max_objects: int = 5
     overlap_prob: float = 0.5  # chance that a scene places its 2nd object over its 1st
     jpeg_quality: int = 95
+    # Difficulty knobs (defaults: the "mixed" level).
+    textures: tuple[str, ...] = TEXTURES        # object textures drawn from (a subset of TEXTURES)
+    backgrounds: tuple[str, ...] = BACKGROUNDS[:3]  # backgrounds drawn from (a subset of BACKGROUNDS)
+    min_radius: float = 0.15   # object circumradius range, as a fraction of the shorter side
+    max_radius: float = 0.3
+    noise_std: float = 4.0     # per-pixel Gaussian noise (0-255 scale) added to the whole image
+
+    def __post_init__(self):
+        self.textures, self.backgrounds = tuple(self.textures), tuple(self.backgrounds)
+        for name, chosen, allowed in (("textures", self.textures, TEXTURES),
+                                      ("backgrounds", self.backgrounds, BACKGROUNDS)):
+            if not chosen or not set(chosen) <= set(allowed):
+                raise ValueError(f"{name} must be a non-empty subset of {allowed}, got {chosen}")
+        if not 0 < self.min_radius <= self.max_radius < 0.5:
+            raise ValueError(f"need 0 < min_radius <= max_radius < 0.5, got {self.min_radius}, {self.max_radius}")
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+
+    @classmethod
+    def at_level(cls, level: str, **fields) -> "SyntheticConfig":
+        """The named difficulty `level` (a key of LEVELS), with `fields` overriding it."""
+        if level not in LEVELS:
+            raise ValueError(f"unknown difficulty level {level!r}: choose one of {sorted(LEVELS)}")
+        return cls(**{**LEVELS[level], **fields})
+
+
+# Named difficulty levels: SyntheticConfig fields. "easy" (the demo's): 1-3 large flat-coloured
+# shapes on a flat background, no forced overlap, little noise: colour alone tells the objects apart.
+LEVELS: dict[str, dict] = {
+    "mixed": {},
+    "easy": dict(textures=("flat",), backgrounds=("flat",), min_radius=0.25, max_radius=0.38, noise_std=2.0,
+                 min_objects=1, max_objects=3, overlap_prob=0.0),
+}
 
 
 @dataclass
@@ -107,27 +147,31 @@ def _blobs(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     return np.asarray(big, dtype=np.float32) / 255
 
 
-def background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """(H, W, 3) float32 background: gradient, smooth noise or stripes between two colours."""
+def background(rng: np.random.Generator, height: int, width: int,
+               kinds: tuple[str, ...] = BACKGROUNDS[:3]) -> np.ndarray:
+    """(H, W, 3) float32 background: gradient, smooth noise or stripes between two colours, or flat."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    kind = rng.integers(3)
+    kind = BACKGROUNDS.index(kinds[rng.integers(len(kinds))])
     if kind == 0:
         theta = rng.uniform(0, 2 * math.pi)
         t = xx * math.cos(theta) + yy * math.sin(theta)
         weight = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
     elif kind == 1:
         weight = _blobs(rng, height, width)
-    else:
+    elif kind == 2:
         weight = _stripes(rng, yy, xx)
+    else:
+        weight = np.zeros((height, width), dtype=np.float32)
     a, b = _colour(rng), _colour(rng)
     return a * (1 - weight[..., None]) + b * weight[..., None]
 
 
-def texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+def texture(rng: np.random.Generator, height: int, width: int,
+            kinds: tuple[str, ...] = TEXTURES) -> np.ndarray:
     """(H, W, 3) float32 object texture: flat, striped or checkered."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     a, b = _colour(rng), _colour(rng)
-    kind = rng.integers(3)
+    kind = TEXTURES.index(kinds[rng.integers(len(kinds))])
     if kind == 0:
         weight = np.zeros((height, width), dtype=np.float32)
     elif kind == 1:
@@ -145,14 +189,16 @@ def _centre(rng: np.random.Generator, r: float, width: int, height: int) -> tupl
 
 
 def render_scene(rng: np.random.Generator, width: int, height: int, num_objects: int,
-                 overlap: bool) -> tuple[np.ndarray, list[SceneObject]]:
+                 overlap: bool, config: SyntheticConfig | None = None) -> tuple[np.ndarray, list[SceneObject]]:
     """(H, W, 3) uint8 image and its objects, drawn in order (later ones on top).
 
     With `overlap`, object 1 is no larger than object 0 and its centre is 0.3 (r0 + r1) from
     object 0's, so their discs of radius 0.38 r overlap: the two masks always intersect.
+    `config` gives the difficulty knobs (textures, backgrounds, radii, noise; default: "mixed").
     """
+    config = config or SyntheticConfig()
     short = min(width, height)
-    image = background(rng, height, width)
+    image = background(rng, height, width, config.backgrounds)
     objects, placed = [], []
     for k in range(num_objects):
         category_id = int(rng.integers(1, len(CATEGORIES) + 1))
@@ -163,14 +209,14 @@ def render_scene(rng: np.random.Generator, width: int, height: int, num_objects:
             cx = float(np.clip(cx0 + d * math.cos(phi), r + 1, width - r - 1))
             cy = float(np.clip(cy0 + d * math.sin(phi), r + 1, height - r - 1))
         else:
-            r = rng.uniform(0.15, 0.3) * short
+            r = rng.uniform(config.min_radius, config.max_radius) * short
             cx, cy = _centre(rng, r, width, height)
         polygon = shape_polygon(category_id, cx, cy, r, rng)
         mask = rasterise(polygon, width, height)
-        image[mask] = texture(rng, height, width)[mask]
+        image[mask] = texture(rng, height, width, config.textures)[mask]
         placed.append(((cx, cy), r))
         objects.append(SceneObject(category_id, polygon, mask))
-    image += rng.normal(0, 4, size=image.shape).astype(np.float32)
+    image += rng.normal(0, config.noise_std, size=image.shape).astype(np.float32)
     return np.clip(image, 0, 255).round().astype(np.uint8), objects
 
 
@@ -219,7 +265,7 @@ def write_split(out: Path, split: str, count: int, config: SyntheticConfig,
         width, height = (long, short) if rng.random() < 0.5 else (short, long)
         num_objects = int(rng.integers(config.min_objects, config.max_objects + 1))
         overlap = k == 0 or rng.random() < config.overlap_prob
-        pixels, objects = render_scene(rng, width, height, num_objects, overlap)
+        pixels, objects = render_scene(rng, width, height, num_objects, overlap, config)
         file_name = f"{image_id:012d}.jpg"
         Image.fromarray(pixels).save(image_dir / file_name, quality=config.jpeg_quality)
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})

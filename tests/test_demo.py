@@ -1,0 +1,181 @@
+"""`spot-fast demo` end to end at a tiny size: files, the table against the runs' own metrics and
+independently scored baselines, reuse on a second run, and the errors a user can cause."""
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from spot_fast.baselines import grid_labels, one_slot_labels
+from spot_fast.demo import (MODELS, DemoConfig, DemoError, demo_encoder, make_data, run_demo, sincos_table)
+from spot_fast.metrics import MetricAccumulator
+
+# A few steps of each model: batch 8 over 32 images (4 steps an epoch).
+TINY = {"optim.batch_size": "8"}
+
+
+def tiny_config(out, **kw) -> DemoConfig:
+    base = dict(out=str(out), num_train=32, num_val=6, epochs=1, stage2_epochs=1, progress=False, device="cpu",
+                extra=TINY)
+    return DemoConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    lines: list[str] = []
+    result = run_demo(tiny_config(out), say=lines.append)
+    return out, result, lines
+
+
+def _score(labels_of, val_batches) -> dict:
+    acc = MetricAccumulator()
+    for b in val_batches:
+        acc.update(labels_of(b), b["instance_mask"], b["class_mask"], b["ignore_mask"])
+    return acc.compute()
+
+
+def test_demo_writes_its_files(demo_run):
+    out, result, lines = demo_run
+    for name in ("report.md", "masks.png", "results.json", "data/demo_data.json"):
+        assert (out / name).is_file(), name
+    for name in MODELS:
+        assert (out / name / "eval" / "metrics.json").is_file()
+        assert (out / name / "eval" / "masks.png").is_file()
+    from PIL import Image
+    picture = Image.open(out / "masks.png")
+    assert picture.size == (64 * (3 + len(MODELS)), 64 * 6)      # 6 val images, 3 + one column per model
+    assert result.report == out / "report.md"
+
+
+def test_table_holds_the_runs_metrics(demo_run):
+    out, result, lines = demo_run
+    report = (out / "report.md").read_text()
+    titles = {"stage1": "SPOT stage 1", "stage2": "SPOT stage 2", "dinosaur": "DINOSAUR (MLP decoder)"}
+    for name in MODELS:
+        saved = json.loads((out / name / "eval" / "metrics.json").read_text())
+        for kind, label in (("decoder", "decoder"), ("slot_attention", "slot attention")):
+            row = next(r for r in result.rows if r["model"] == titles[name] and r["masks"] == label)
+            m = saved[kind]
+            assert [row[k] for k in ("fg_ari", "mbo_i", "mbo_c", "miou")] == \
+                   [m[k] for k in ("fg_ari", "mbo_i", "mbo_c", "miou")]
+            cells = f"| {titles[name]} | {label} | {m['fg_ari']:.1f} | {m['mbo_i']:.1f} | {m['mbo_c']:.1f} | {m['miou']:.1f} |"
+            assert cells in report
+    table = "\n".join(lines)
+    assert re.search(r"SPOT stage 1\s+decoder\s+-?\d+\.\d", table)
+
+
+def test_baselines_in_the_table_are_scored_independently(demo_run):
+    out, result, _ = demo_run
+    from spot_fast.cache import open_cache
+    val = open_cache(out / "cache" / "val", allow_random_init=True)
+    batches = list(val.eval_reader(4, split_tokens=False))
+    k = json.loads((out / "stage1" / "config.json").read_text())["model"]["slot_attention"]["num_slots"]
+    expect = {"trivial: one slot": _score(lambda b: one_slot_labels(*b["instance_mask"].shape), batches),
+              f"trivial: grid of {k}": _score(lambda b: grid_labels(k, *b["instance_mask"].shape[1:]).expand_as(
+                  b["instance_mask"]), batches)}
+    for name, m in expect.items():
+        row = next(r for r in result.rows if r["model"] == name)
+        for key, value in m.items():
+            assert row[key] == pytest.approx(value, abs=1e-9)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result.rows))
+
+
+def test_rerun_reuses_everything(demo_run):
+    out, result, _ = demo_run
+    lines: list[str] = []
+    again = run_demo(tiny_config(out), say=lines.append)
+    text = "\n".join(lines)
+    assert "already generated" in text
+    assert text.count("already cached") == 2
+    assert text.count("already trained") == len(MODELS)
+    assert again.rows == result.rows
+
+
+def test_other_settings_in_the_same_folder_are_refused(demo_run):
+    out, _, _ = demo_run
+    before = (out / "data" / "demo_data.json").read_text()
+    with pytest.raises(DemoError, match="other settings"):
+        make_data(tiny_config(out, num_train=40))
+    assert (out / "data" / "demo_data.json").read_text() == before
+
+
+def test_a_finished_run_with_other_settings_is_refused(demo_run, tmp_path):
+    out, _, _ = demo_run
+    from spot_fast.demo import train_config, train_model
+    tcfg = train_config(tiny_config(out, extra={**TINY, "optim.lr": "0.001"}), "stage1", out / "cache")
+    with pytest.raises(DemoError, match="other settings"):
+        train_model(tcfg)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_val", 0, "--num-val"), ("num_train", 3, "--num-train"), ("epochs", 0, "--epochs"),
+    ("level", "hard", "--level"), ("encoder", "vit_huge", "--encoder"), ("weights", "/no/such.pth", "--weights")])
+def test_bad_options_are_named(tmp_path, field, value, message):
+    with pytest.raises(DemoError, match=message):
+        tiny_config(tmp_path, **{field: value}).validate()
+    assert not any(tmp_path.iterdir())              # nothing written
+
+
+def test_real_weights_use_the_named_encoder_and_its_last_two_blocks(tmp_path):
+    from spot_fast.demo import cache_encoder
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    enc = cache_encoder(tiny_config(tmp_path, weights=str(weights), encoder="dino_vits8"))
+    assert (enc.name, enc.split_block, enc.image_size, enc.spec.patch_size) == ("dino_vits8", 10, 64, 8)
+    assert cache_encoder(tiny_config(tmp_path)).name == "custom"
+
+
+def test_cli_bad_option_is_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "spot_fast.cli.app", "demo", "--out", str(tmp_path / "d"),
+                          "--num-val", "0"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("error: --num-val must be >= 1")
+    assert "Traceback" not in res.stderr
+
+
+def test_sincos_table_matches_the_formula():
+    grid, dim = 5, 12
+    t = sincos_table(grid, dim)
+    assert t.shape == (grid * grid, dim)
+    q = dim // 4
+    for n, (r, c) in enumerate((r, c) for r in range(grid) for c in range(grid)):
+        w = [100.0 ** (-i / q) for i in range(q)]
+        expect = ([np.sin(r * x) for x in w] + [np.cos(r * x) for x in w]
+                  + [np.sin(c * x) for x in w] + [np.cos(c * x) for x in w])
+        np.testing.assert_allclose(t[n].numpy(), expect, atol=1e-6)
+    assert len({tuple(row.tolist()) for row in t}) == grid * grid     # every patch has its own code
+
+
+def _position_r2(encoder, images: torch.Tensor) -> float:
+    """R^2 of the best linear map from the encoder's final tokens to (row, column)."""
+    tokens = encoder(images).final                                   # (B, N, D)
+    B, N, D = tokens.shape
+    g = int(N ** 0.5)
+    pos = torch.stack(torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij"), -1).reshape(N, 2)
+    x = torch.cat([tokens.reshape(B * N, D), torch.ones(B * N, 1)], 1).double()
+    y = pos.repeat(B, 1).double()
+    fit = x @ torch.linalg.lstsq(x, y).solution
+    return float(1 - ((fit - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+
+
+def test_demo_encoder_features_carry_position():
+    """The reason for the sin-cos table: an untrained ViT's tokens hardly say where a patch is
+    once the image has the pixel noise of a real one (std 0.05 after normalisation, ~3/255)."""
+    from spot_fast.config import preset
+    from spot_fast.encoders import FrozenEncoder
+    enc = preset("demo").encoder
+    g = torch.Generator().manual_seed(0)
+    # flat-coloured 8x8 patches: colour carries no position
+    images = torch.rand(16, 3, enc.grid_size, enc.grid_size, generator=g) * 4 - 2
+    images = images.repeat_interleave(enc.patch_size, 2).repeat_interleave(enc.patch_size, 3)
+    images = images + 0.05 * torch.randn(images.shape, generator=g)
+    plain = FrozenEncoder.create(enc, random_init=True, seed=0)
+    ours = demo_encoder(enc, seed=0)
+    assert ours.weights_id.startswith("random-init")                 # still marked random-init
+    assert _position_r2(ours, images) > 0.95
+    assert _position_r2(plain, images) < 0.5
