@@ -24,6 +24,10 @@ def _register():
     from spot_fast.cli.data import app as data_app
     app.add_typer(data_app, name="data", help="Datasets: make the synthetic one.")
     app.add_typer(cache_app, name="cache", help="Build, inspect and verify feature caches.")
+    from spot_fast.cli.eval import evaluate as eval_command
+    from spot_fast.cli.train import train as train_command
+    app.command("train")(train_command)
+    app.command("eval")(eval_command)
 
 
 _register()

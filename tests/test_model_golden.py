@@ -1,6 +1,8 @@
 """Parity with the SPOT reference implementation, on the golden files (see golden/README.md).
 
-Tolerances: max |diff| <= 1e-5 for fp32 outputs and gradients.
+Tolerance (golden/README.md): max |diff| <= 1e-5 * max(1, max |reference|) for fp32 outputs and
+gradients: fp32 rounding grows with the size of the values, so a fixed 1e-5 fails on larger cases
+(a gradient near 250 carries rounding of ~1.5e-5) that are otherwise exact.
 """
 import dataclasses
 
@@ -16,7 +18,7 @@ from spot_fast.slot_attention import SlotAttention
 
 from golden_case import (base_config, golden_files, model_config, reference_grads, stage1_prefixes)
 
-ATOL = 1e-5
+RTOL = 1e-5
 FILES = golden_files()
 
 
@@ -25,10 +27,12 @@ def g(request):
     return torch.load(request.param, weights_only=True)
 
 
-def assert_close(name, ours, ref, atol=ATOL):
+def assert_close(name, ours, ref):
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} vs reference {tuple(ref.shape)}"
-    err = (ours.double() - ref.double()).abs().max().item()
-    assert err <= atol, f"{name}: max |diff| {err:.3g} > {atol}"
+    ref = ref.double()
+    tol = RTOL * max(1.0, ref.abs().max().item())
+    err = (ours.double() - ref).abs().max().item()
+    assert err <= tol, f"{name}: max |diff| {err:.3g} > {tol:.3g} (1e-5 * max(1, max |ref|))"
 
 
 def load(g, prefix):

@@ -1,0 +1,142 @@
+"""Object discovery on a val cache (spec section 6): metrics of the decoder masks and of the
+slot-attention masks, the predicted label maps, and a picture grid.
+
+    result = evaluate(model, val_cache, orders="all", out="runs/spot/eval")
+    result["decoder"]["mbo_i"], result["slot_attention"]["fg_ari"]          # percent
+
+`out` receives `metrics.json`, `labels.npz` (index, decoder, slot_attention: (n, M, M) label maps
+at the ground-truth resolution M, the exact maps the metrics were computed from) and `masks.png`
+(one row per image: image | ground-truth instances, background black, ignored pixels white |
+decoder masks | slot-attention masks).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spot_fast.metrics import MetricAccumulator, masks_to_labels
+from spot_fast.model import SPOT, SPOTOutput
+
+PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [67, 99, 216], [245, 130, 49],
+                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [188, 246, 12], [250, 190, 190],
+                    [0, 128, 128], [154, 99, 36]], dtype=np.uint8)
+IGNORED = np.array([255, 255, 255], dtype=np.uint8)       # ground-truth pixels left out of every metric
+BACKGROUND = np.array([0, 0, 0], dtype=np.uint8)
+MASK_KINDS = ("decoder", "slot_attention")
+
+
+def run_model(model: SPOT, batch: dict, orders, generator: torch.Generator | None = None) -> SPOTOutput:
+    """The model on a device batch of either stage: stage 2 reads the split tokens and
+    reconstructs the final ones. Shared-Gaussian slot noise comes from `generator`."""
+    features = batch["features"]
+    sa = model.cfg.slot_attention
+    noise = None
+    if sa.init == "shared_gaussian" and generator is not None:
+        noise = torch.randn(features.shape[0], sa.num_slots, sa.slot_size, generator=generator,
+                            device=features.device, dtype=features.dtype)        # (B, K, S)
+    if model.cfg.stage == 2:
+        return model(batch["split_tokens"], target=features, orders=orders, noise=noise)
+    return model(features, orders=orders, noise=noise)
+
+
+def _device_batch(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def reconstruction_loss(model: SPOT, cache, batch_size: int = 64, seed: int = 0, orders="standard") -> float:
+    """Mean reconstruction MSE over the cache's images (view 0), as a validation loss."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    g = torch.Generator(device).manual_seed(seed)
+    total, count = torch.zeros((), device=device, dtype=torch.float64), 0
+    for batch in cache.eval_reader(batch_size, split_tokens=model.cfg.stage == 2):
+        b = batch["features"].shape[0]
+        total += run_model(model, _device_batch(batch, device), orders, g).loss.double() * b
+        count += b
+    model.train(was_training)
+    return float(total / max(count, 1))
+
+
+@torch.no_grad()
+def evaluate(model: SPOT, cache, *, orders="all", batch_size: int = 64, out: str | os.PathLike | None = None,
+             num_pictures: int = 8, seed: int = 0) -> dict:
+    """Metrics of the model's masks on every image of a val cache: {"decoder": metrics,
+    "slot_attention": metrics, "orders", "images"}, metrics as `MetricAccumulator.compute()`."""
+    if not cache.has_masks:
+        raise ValueError(f"cache {cache.path} holds no ground-truth masks: evaluate on a val cache")
+    model.eval()
+    device = next(model.parameters()).device
+    size = cache.manifest["mask_size"]
+    g = torch.Generator(device).manual_seed(seed)
+    accs = {k: MetricAccumulator() for k in MASK_KINDS}
+    labels: dict[str, list] = {k: [] for k in MASK_KINDS}
+    index, pictures = [], []
+    label_dtype = torch.uint8 if model.cfg.slot_attention.num_slots <= 256 else torch.int16
+    for batch in cache.eval_reader(batch_size, split_tokens=model.cfg.stage == 2):
+        batch = _device_batch(batch, device)
+        o = run_model(model, batch, orders, g)
+        maps = {"decoder": masks_to_labels(o.dec_masks.float(), size),
+                "slot_attention": masks_to_labels(o.sa_masks.float(), size)}       # (B, M, M)
+        for k in MASK_KINDS:
+            accs[k].update(maps[k], batch["instance_mask"], batch["class_mask"], batch["ignore_mask"])
+            labels[k].append(maps[k].to(label_dtype).cpu())
+        index.append(batch["index"].cpu())
+        if len(pictures) < num_pictures:
+            pictures += _picture_rows(batch, maps, num_pictures - len(pictures))
+    result = {k: accs[k].compute() for k in MASK_KINDS}
+    result.update(orders=orders if isinstance(orders, str) else str(orders), images=int(sum(len(i) for i in index)))
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+        np.savez_compressed(out / "labels.npz", index=torch.cat(index).numpy(),
+                            **{k: torch.cat(v).numpy() for k, v in labels.items()})
+        if pictures:
+            from PIL import Image
+            Image.fromarray(np.concatenate(pictures, axis=0)).save(out / "masks.png")
+    return result
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def _resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+    return np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((size, size), Image.NEAREST))
+
+
+def _picture_rows(batch: dict, maps: dict[str, torch.Tensor], n: int) -> list[np.ndarray]:
+    """Up to `n` rows (S, 4 S, 3) uint8: image | ground truth | decoder masks | slot-attention masks."""
+    from PIL import Image
+    rows = []
+    for j, jpeg in enumerate(batch["jpeg"][:n]):
+        rgb = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+        S = rgb.shape[0]
+        ids = _resize_labels(batch["instance_mask"][j].cpu().numpy(), S)
+        gt = PALETTE[(ids.astype(np.int64) - 1) % len(PALETTE)]
+        gt[ids == 0] = BACKGROUND
+        gt[_resize_labels(batch["ignore_mask"][j].cpu().numpy(), S) > 0] = IGNORED
+        tiles = [rgb, gt]
+        for k in MASK_KINDS:
+            lab = _resize_labels(maps[k][j].cpu().numpy() % len(PALETTE), S)
+            tiles.append((0.45 * rgb + 0.55 * PALETTE[lab]).astype(np.uint8))
+        rows.append(np.concatenate(tiles, axis=1))
+    return rows
+
+
+def evaluate_run(run: str | os.PathLike, cache: str | os.PathLike, *, orders="all", batch_size: int = 64,
+                 out: str | os.PathLike | None = None, num_pictures: int = 8, device=None,
+                 allow_random_init: bool = False) -> dict:
+    """Load a run (folder or checkpoint), open the val cache for its config, evaluate."""
+    from spot_fast.cache import open_cache
+    from spot_fast.train.state import load_run
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg = load_run(run, device=device)
+    val = open_cache(cache, expect=cfg, allow_random_init=allow_random_init)
+    return evaluate(model, val, orders=orders, batch_size=batch_size, out=out, num_pictures=num_pictures)

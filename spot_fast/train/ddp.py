@@ -1,0 +1,65 @@
+"""Ranks under torchrun: one process per device, gloo on CPU, nccl on CUDA.
+
+    torchrun --nproc-per-node 8 spot-fast train ...                      # one node
+    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-endpoint HOST:29500 spot-fast train ...
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of `t` over the ranks (t itself on one rank)."""
+        if self.distributed:
+            t = t.clone()
+            dist.all_reduce(t)
+            t /= self.world_size
+        return t
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        """The maximum of `t` over the ranks."""
+        if self.distributed:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def setup(device: str | None) -> Ranks:
+    """Join the process group when WORLD_SIZE > 1 and pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Ranks(rank, world, dev)
+
+
+def teardown(ranks: Ranks) -> None:
+    if ranks.distributed and dist.is_initialized():
+        dist.destroy_process_group()
