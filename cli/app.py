@@ -28,6 +28,8 @@ def _register():
     from spot_fast.cli.train import train as train_command
     app.command("train")(train_command)
     app.command("eval")(eval_command)
+    from spot_fast.cli.bench import bench as bench_command
+    app.command("bench")(bench_command)
 
 
 _register()

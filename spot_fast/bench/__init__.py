@@ -6,6 +6,6 @@
 timing.py (warm-up, sync, interleaved repeats), flops.py (the FLOP count behind MFU),
 workloads.py (the reference and spot-fast paths), runner.py (sections, table, JSON).
 """
-from spot_fast.bench.runner import SECTIONS, BenchConfig, format_table, run_bench
+from spot_fast.bench.runner import SECTIONS, BenchConfig, BenchError, format_table, run_bench
 
-__all__ = ["SECTIONS", "BenchConfig", "format_table", "run_bench"]
+__all__ = ["SECTIONS", "BenchConfig", "BenchError", "format_table", "run_bench"]

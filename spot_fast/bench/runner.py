@@ -5,7 +5,7 @@ import os
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +14,18 @@ import torch
 from spot_fast.bench import flops
 from spot_fast.bench.timing import Timing, measure
 from spot_fast.bench.workloads import (FeatureBatches, JpegBatches, Options, eval_paths, make_jpegs,
-                                       stage1_paths, stage2_paths, stage1_forward_backward, synthetic_batch)
+                                       stage1_paths, stage2_paths, synthetic_batch)
 from spot_fast.config import preset
 from spot_fast.encoders import FrozenEncoder
+from spot_fast.train.steps import stage1_forward_backward
 
 SECTIONS = ("stage1", "stage2", "eval", "data")
 # Dense bf16 tensor-core peaks (FLOP/s) of GPUs we know, for MFU.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+class BenchError(ValueError):
+    """A bad bench option; the message names it and the fix."""
 
 
 @dataclass
@@ -38,6 +43,27 @@ class BenchConfig:
     data_batches: int = 8           # batches read for the data rates and the data-wait share
     out: str | None = None          # JSON folder (None: $OUT or benchmarks/results)
     save: bool = True               # write the JSON file
+
+    def validate(self) -> None:
+        """Raise BenchError naming the first bad field and what it accepts."""
+        from spot_fast.config import PRESETS
+        choices = {"preset": tuple(PRESETS), "device": ("auto", "cpu", "cuda"),
+                   "compile": ("auto", "on", "off"), "precision": ("auto", "bf16", "fp32")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise BenchError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        bad = [s for s in self.sections if s not in SECTIONS]
+        if bad or not self.sections:
+            raise BenchError(f"--sections must be a comma-separated subset of {','.join(SECTIONS)}, got {bad or 'none'}")
+        for name, low in (("batch", 1), ("repeats", 1), ("warmup", 0), ("jpegs", 1), ("data_batches", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise BenchError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise BenchError("--device cuda: no CUDA device here; use --device cpu (or auto)")
+        if self.cache is not None and not (Path(self.cache) / "manifest.json").is_file():
+            raise BenchError(f"--cache {self.cache}: not a feature cache (no manifest.json); "
+                             f"build one with `spot-fast cache ...` or leave --cache out for synthetic features")
 
     def resolved(self) -> "BenchConfig":
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
@@ -152,6 +178,7 @@ def data_wait(cfg: BenchConfig, model_cfg, device: torch.device) -> dict:
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     """Run the configured sections; returns the result dict (also saved as JSON when cfg.save)."""
+    cfg.validate()
     cfg = cfg.resolved()
     device = torch.device(cfg.device)
     model_cfg = preset(cfg.preset)

@@ -21,26 +21,8 @@ from PIL import Image
 from spot_fast.config import SPOTConfig, teacher
 from spot_fast.data.transforms import hflip, resize_center_crop, to_input
 from spot_fast.encoders import FrozenEncoder
-from spot_fast.losses import stage2_loss
 from spot_fast.model import SPOT
-
-
-def stage1_forward_backward(model: SPOT, batch: dict, *, generator=None, noise=None) -> dict:
-    """Stand-in for spot_fast.train.steps.stage1_forward_backward (same signature and result)."""
-    out = model(batch["features"], noise=noise, generator=generator)
-    out.loss.backward()
-    return {"loss": out.loss.detach(), "mse": out.loss.detach()}
-
-
-def stage2_forward_backward(student: SPOT, teacher_model: SPOT, batch: dict, *, ce_weight: float,
-                            generator=None) -> dict:
-    """Stand-in for spot_fast.train.steps.stage2_forward_backward (same signature and result)."""
-    with torch.no_grad():
-        tout = teacher_model(batch["features"], generator=generator)
-    out = student(batch["split_tokens"], target=batch["features"], generator=generator)
-    loss = stage2_loss(out, tout.dec_masks.float(), ce_weight)
-    loss.total.backward()
-    return {"loss": loss.total.detach(), "mse": loss.mse.detach(), "ce": loss.ce.detach()}
+from spot_fast.train.steps import stage1_forward_backward, stage2_forward_backward
 
 
 @dataclass
@@ -133,24 +115,18 @@ def encoder_prefix(encoder: FrozenEncoder, images: torch.Tensor, blocks: int) ->
     return x
 
 
-def fast_autocast(options: Options):
-    """bf16 autocast for the fast path when asked for, else a no-op context."""
-    return torch.autocast(options.device.type, torch.bfloat16) if options.bf16 else nullcontext()
-
-
 class Trainee:
-    """A model, its Adam and the step's extras (clip, autocast): one optimiser step per call."""
+    """A model, its Adam and gradient clipping: one optimiser step per call."""
 
     def __init__(self, model: SPOT, options: Options, fast: bool):
         self.model = model.to(options.device).train()
         self.options = options
         self.opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=options.lr)
         self.run = torch.compile(model) if fast and options.compile else model
-        self.fast = fast
+        self.autocast_dtype = torch.bfloat16 if fast and options.bf16 else None
 
-    def step(self, forward_backward: Callable[[SPOT], dict]) -> dict:
-        with fast_autocast(self.options) if self.fast else nullcontext():
-            out = forward_backward(self.run)
+    def step(self, forward_backward: Callable[[SPOT, torch.dtype | None], dict]) -> dict:
+        out = forward_backward(self.run, self.autocast_dtype)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.options.clip, norm_type=math.inf)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -165,11 +141,11 @@ def stage1_paths(cfg: SPOTConfig, encoder: FrozenEncoder, images: JpegBatches, d
 
     def reference():
         feats = encoder(images.next().to(options.device)).final
-        return ref.step(lambda m: stage1_forward_backward(m, {"features": feats}))
+        return ref.step(lambda m, _: stage1_forward_backward(m, {"features": feats}))
 
     def spot_fast():
         batch = data.next()
-        return fast.step(lambda m: stage1_forward_backward(m, batch))
+        return fast.step(lambda m, dtype: stage1_forward_backward(m, batch, autocast_dtype=dtype))
     return {"reference": reference, "spot-fast": spot_fast}
 
 
@@ -191,23 +167,15 @@ def stage2_paths(cfg: SPOTConfig, encoder: FrozenEncoder, images: JpegBatches, d
 
     def reference():
         x = images.next().to(options.device)
-        teacher_feats = encoder(x).final                                     # the teacher's encoder
-        target = encoder(x).final                                            # the frozen target encoder
-        split_tokens = encoder_prefix(encoder, x, split)                     # the student's frozen part
-        batch = {"features": target, "split_tokens": split_tokens}
-
-        def fb(m):
-            with torch.no_grad():
-                tout = ref_teacher(teacher_feats)
-            out = m(batch["split_tokens"], target=target)
-            loss = stage2_loss(out, tout.dec_masks, ce)
-            loss.total.backward()
-            return {"loss": loss.total.detach()}
-        return ref.step(fb)
+        encoder(x)                          # the teacher's encoder (same frozen weights: same tokens)
+        target = encoder(x).final           # the frozen target encoder
+        batch = {"features": target, "split_tokens": encoder_prefix(encoder, x, split)}   # + student's
+        return ref.step(lambda m, _: stage2_forward_backward(m, ref_teacher, batch, ce_weight=ce))
 
     def spot_fast():
         batch = data.next()
-        return fast.step(lambda m: stage2_forward_backward(m, teacher_model, batch, ce_weight=ce))
+        return fast.step(lambda m, dtype: stage2_forward_backward(m, teacher_model, batch, ce_weight=ce,
+                                                                  autocast_dtype=dtype))
     return {"reference": reference, "spot-fast": spot_fast}
 
 
@@ -229,7 +197,7 @@ def eval_paths(cfg: SPOTConfig, encoder: FrozenEncoder, images: JpegBatches, dat
 
     @torch.no_grad()
     def batched_eval():
-        with fast_autocast(options):
+        with torch.autocast(options.device.type, torch.bfloat16) if options.bf16 else nullcontext():
             return batched(data.next()["features"], orders="all")
 
     @torch.no_grad()
