@@ -165,8 +165,9 @@ class ARDecoder(nn.Module):
         R = order_ids.shape[1]
         ctx = self.slot_norm(self.slot_proj(slots))                          # (B, K, D)
         kvs = [block.cross_attn.context_kv(ctx) for block in self.blocks]
-        bos = self.bos.unsqueeze(0).expand(B, -1, -1)                        # (B, P, D)
-        table = self.input_norm(self.input_proj(torch.cat([target, bos], dim=1)))   # (B, N+P, D)
+        bos = self.input_norm(self.input_proj(self.bos))                     # (P, D), once
+        tokens = self.input_norm(self.input_proj(target))                    # (B, N, D), once
+        table = torch.cat([tokens, bos.unsqueeze(0).expand(B, -1, -1)], dim=1)   # (B, N+P, D)
         step = self.orders_per_chunk(B * N, target.device)
         recon, masks = 0, 0
         for r in range(0, R, step):
