@@ -67,7 +67,8 @@ class JpegBatches:
 
 
 class FeatureBatches:
-    """spot-fast's input: batches of a cache reader (cycled), or one synthetic batch, on device."""
+    """spot-fast's input: batches of a cache reader (cycled), or one synthetic batch, on device.
+    Token kinds the cache lacks (split tokens of a stage-1 cache) come from the synthetic batch."""
 
     def __init__(self, make_reader: Callable[[], object] | None, synthetic: dict, options: Options):
         self.make_reader, self.synthetic, self.options = make_reader, synthetic, options
@@ -83,8 +84,9 @@ class FeatureBatches:
         except StopIteration:
             self.it = iter(self.make_reader())
             batch = next(self.it)
-        return {k: v.to(self.options.device, self.dtype, non_blocking=True)
-                for k, v in batch.items() if k in ("features", "split_tokens")}
+        tokens = {k: v.to(self.options.device, self.dtype, non_blocking=True)
+                  for k, v in batch.items() if k in ("features", "split_tokens")}
+        return {**self.synthetic, **tokens}    # a cache without split tokens: synthetic ones
 
 
 def synthetic_batch(cfg: SPOTConfig, batch: int, device: torch.device, dtype=torch.float32) -> dict:
