@@ -34,18 +34,17 @@ def version():
 
 
 def _register():
+    from spot_fast.cli.bench import bench
     from spot_fast.cli.cache import app as cache_app
     from spot_fast.cli.data import app as data_app
+    from spot_fast.cli.demo import demo
+    from spot_fast.cli.eval import evaluate
+    from spot_fast.cli.sweep import sweep
+    from spot_fast.cli.train import train
     app.add_typer(data_app, name="data", help="Datasets: make the synthetic one.")
     app.add_typer(cache_app, name="cache", help="Build, inspect and verify feature caches.")
-    from spot_fast.cli.eval import evaluate as eval_command
-    from spot_fast.cli.train import train as train_command
-    app.command("train")(train_command)
-    app.command("eval")(eval_command)
-    from spot_fast.cli.sweep import sweep as sweep_command
-    app.command("sweep")(sweep_command)
-    from spot_fast.cli.demo import demo as demo_command
-    app.command("demo")(demo_command)
+    for name, command in (("train", train), ("eval", evaluate), ("sweep", sweep), ("bench", bench), ("demo", demo)):
+        app.command(name)(command)
 
 
 _register()

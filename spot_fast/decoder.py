@@ -1,9 +1,19 @@
 """SPOT's decoders (spec section 3): the autoregressive transformer with patch-order permutations,
 and the DINOSAUR MLP decoder baseline.
 
-Batched multi-permutation decoding: the orders to decode are given per sample as a (B, R) index
-tensor and folded into the batch, so decoding R orders is ONE pass over B*R sequences; the
-outputs and masks are mapped back to raster order and averaged over the R orders.
+Decoding R orders per sample (a (B, R) index tensor) has two implementations in `ARDecoder`:
+
+- the plain reference (`fast = False`): one order at a time, as the SPOT reference does: gather
+  the target in that order, prepend the order's BOS, project + normalise, project the slots,
+  run the blocks with separate q/k/v projections; the R outputs are averaged in raster order.
+- the fast path (default): the same maths with the work that does not depend on the order done
+  once per sample. Input projection + LayerNorm are per token, so the target (B, N, D) and the
+  P BOS tokens are projected once and every order's shifted sequence is ONE gather through a
+  precomputed index (P, N); the slots' cross-attention K/V are computed once per block and
+  shared by the R orders (cross-attention is order-independent per query, so the R orders are
+  folded into the query axis, never expanded); self-attention uses one fused QKV matmul over
+  the concatenated weights (parameter names unchanged); the orders are decoded in chunks of
+  at most `token_budget` tokens so the activations stay cache-sized on a CPU.
 """
 from __future__ import annotations
 
@@ -14,6 +24,10 @@ import torch.nn.functional as F
 from spot_fast.config import DecoderConfig
 from spot_fast.layers import linear
 from spot_fast.permutations import inverse_orders, patch_orders
+
+# Tokens (sequences x positions) decoded per chunk by the fast path, per device type. On a CPU a
+# chunk of ~2k tokens keeps the 4x-wide FFN activations near the L2/L3 caches; a GPU wants them all.
+TOKEN_BUDGET = {"cpu": 2048, "cuda": 1 << 18}
 
 
 class Attention(nn.Module):
@@ -30,19 +44,44 @@ class Attention(nn.Module):
         self.o = linear(dim, dim, bias=False, gain=gain)
 
     def forward(self, x, context, causal: bool = False, need_weights: bool = False):
+        """Plain reference: x (B, T, D) attends to context (B, L, D) with separate projections."""
         B, T, D = x.shape
         L = context.shape[1]
         q = self.q(x).view(B, T, self.heads, -1).transpose(1, 2)         # (B, h, T, dh)
         k = self.k(context).view(B, L, self.heads, -1).transpose(1, 2)   # (B, h, L, dh)
         v = self.v(context).view(B, L, self.heads, -1).transpose(1, 2)   # (B, h, L, dh)
+        return self._attend(q, k, v, causal, need_weights)
+
+    def causal_self(self, x: torch.Tensor) -> torch.Tensor:
+        """Fast causal self-attention of x (B, T, D): one matmul for q, k and v."""
+        B, T, D = x.shape
+        w = torch.cat([self.q.weight, self.k.weight, self.v.weight])      # (3D, D)
+        q, k, v = F.linear(x, w).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, dh)
+        return self._attend(q, k, v, causal=True)[0]
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V (B, h, L, dh) of context (B, L, D), for `cross` (one matmul)."""
+        B, L, D = context.shape
+        w = torch.cat([self.k.weight, self.v.weight])                     # (2D, D)
+        k, v = F.linear(context, w).view(B, L, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def cross(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_weights: bool = False):
+        """Fast cross-attention of x (B, M, D) to precomputed K/V (B, h, L, dh). M may fold
+        several orders' queries of one sample: non-causal attention treats queries independently."""
+        B, M, D = x.shape
+        q = self.q(x).view(B, M, self.heads, -1).transpose(1, 2)          # (B, h, M, dh)
+        return self._attend(q, k, v, False, need_weights)
+
+    def _attend(self, q, k, v, causal: bool, need_weights: bool = False):
+        B, h, T, dh = q.shape
         if need_weights:
-            q = q * (q.shape[-1] ** -0.5)
-            weights = F.softmax(q @ k.transpose(-1, -2), dim=-1)        # (B, h, T, L)
+            weights = F.softmax((q * dh ** -0.5) @ k.transpose(-1, -2), dim=-1)  # (B, h, T, L)
             out = weights @ v
         else:
             weights = None
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.o(out.transpose(1, 2).reshape(B, T, D)), weights
+        return self.o(out.transpose(1, 2).reshape(B, T, h * dh)), weights
 
 
 class DecoderBlock(nn.Module):
@@ -61,6 +100,7 @@ class DecoderBlock(nn.Module):
                                  linear(4 * dim, dim, gain=gain))
 
     def forward(self, x, slots, need_weights: bool = False):
+        """Plain reference: x (B, N, D) one order per sequence, slots (B, K, D)."""
         if self.first:
             x = self.norm_self(x)
             x = x + self.self_attn(x, x, causal=True)[0]
@@ -71,9 +111,27 @@ class DecoderBlock(nn.Module):
         x = x + h
         return x + self.ffn(self.norm_ffn(x)), weights
 
+    def forward_fast(self, x, kv, need_weights: bool = False):
+        """Fast path: x (B, R, N, D) holds R orders per sample; kv: this block's slot K/V."""
+        B, R, N, D = x.shape
+        seqs = x.view(B * R, N, D)                                        # one sequence per order
+        if self.first:
+            seqs = self.norm_self(seqs)
+            seqs = seqs + self.self_attn.causal_self(seqs)
+        else:
+            seqs = seqs + self.self_attn.causal_self(self.norm_self(seqs))
+        x = seqs.view(B, R * N, D)                                        # the orders share the slots
+        h, weights = self.cross_attn.cross(self.norm_cross(x), *kv, need_weights=need_weights)
+        x = x + h
+        x = x + self.ffn(self.norm_ffn(x))
+        return x.view(B, R, N, D), weights
+
 
 class ARDecoder(nn.Module):
-    """Autoregressive transformer decoder over P patch orders of an h x h grid."""
+    """Autoregressive transformer decoder over P patch orders of an h x h grid.
+
+    `fast` (default True) selects the shared-work decoding, False the plain one-order-at-a-time
+    reference; `token_budget` (None: TOKEN_BUDGET of the device) caps the fast path's chunks."""
 
     def __init__(self, cfg: DecoderConfig, dim: int, slot_size: int, grid: int):
         super().__init__()
@@ -88,30 +146,78 @@ class ARDecoder(nn.Module):
             for i in range(cfg.num_blocks))
         self.final_norm = nn.LayerNorm(dim)
         orders = patch_orders(grid)[: cfg.num_orders]
+        N = orders.shape[1]
+        # Teacher-forcing input of order p, as an index into [target (N rows); BOS (P rows)]:
+        # position 0 is BOS_p (row N + p), position i is the patch decoded at i - 1.
+        shifted = torch.cat([N + torch.arange(len(orders)).unsqueeze(1), orders[:, :-1]], dim=1)
         self.register_buffer("orders", orders, persistent=False)            # (P, N)
         self.register_buffer("inverse", inverse_orders(orders), persistent=False)
+        self.register_buffer("shifted", shifted, persistent=False)          # (P, N)
+        self.fast = True
+        self.token_budget: int | None = None
 
     def forward(self, slots: torch.Tensor, target: torch.Tensor, order_ids: torch.Tensor):
-        """slots (B, K, S), target (B, N, D), order_ids (B, R) -> recon (B, N, D), masks (B, N, K)."""
+        """slots (B, K, S), target (B, N, D), order_ids (B, R) -> recon (B, N, D), masks (B, N, K),
+        both in raster order and averaged over the R orders."""
+        if not self.fast:
+            return self.forward_serial(slots, target, order_ids)
         B, N, D = target.shape
         R = order_ids.shape[1]
-        perm = self.orders[order_ids]                                        # (B, R, N)
-        seq = torch.gather(target.unsqueeze(1).expand(B, R, N, D), 2,
-                           perm.unsqueeze(-1).expand(B, R, N, D))            # (B, R, N, D) in order
-        bos = self.bos[order_ids].unsqueeze(2)                               # (B, R, 1, D)
-        x = torch.cat([bos, seq[:, :, :-1]], dim=2).flatten(0, 1)            # (B*R, N, D) teacher forcing
+        ctx = self.slot_norm(self.slot_proj(slots))                          # (B, K, D)
+        kvs = [block.cross_attn.context_kv(ctx) for block in self.blocks]
+        bos = self.input_norm(self.input_proj(self.bos))                     # (P, D), once
+        tokens = self.input_norm(self.input_proj(target))                    # (B, N, D), once
+        table = torch.cat([tokens, bos.unsqueeze(0).expand(B, -1, -1)], dim=1)   # (B, N+P, D)
+        step = self.orders_per_chunk(B * N, target.device)
+        recon, masks = 0, 0
+        for r in range(0, R, step):
+            ids = order_ids[:, r:r + step]                                   # (B, c)
+            c_recon, c_masks = self._decode_chunk(table, kvs, ids)
+            recon, masks = recon + c_recon, masks + c_masks
+        return recon / R, masks / R
+
+    def orders_per_chunk(self, tokens_per_order: int, device: torch.device) -> int:
+        budget = self.token_budget or TOKEN_BUDGET.get(device.type, TOKEN_BUDGET["cuda"])
+        return max(1, budget // tokens_per_order)
+
+    def _decode_chunk(self, table, kvs, ids):
+        """Orders ids (B, c) of every sample -> their recon (B, N, D) and masks (B, N, K) summed
+        over the c orders, in raster order."""
+        B, c = ids.shape
+        N, D = self.orders.shape[1], table.shape[-1]
+        idx = self.shifted[ids].view(B, c * N, 1).expand(-1, -1, D)
+        x = torch.gather(table, 1, idx).view(B, c, N, D)                     # (B, c, N, D) shifted
+        for i, block in enumerate(self.blocks):
+            x, weights = block.forward_fast(x, kvs[i], need_weights=i == len(self.blocks) - 1)
+        x = self.final_norm(x)
+        masks = weights.sum(1)                                               # (B, c*N, K) over heads
+        masks = masks / masks.sum(-1, keepdim=True)                          # L1 over slots
+        inv = self.inverse[ids]                                              # (B, c, N)
+        recon = _to_raster(x, inv).sum(1)
+        masks = _to_raster(masks.view(B, c, N, -1), inv).sum(1)
+        return recon, masks
+
+    def forward_serial(self, slots, target, order_ids):
+        """The plain reference: each of the R orders decoded on its own, then averaged."""
+        outs = [self._decode_one(slots, target, order_ids[:, r]) for r in range(order_ids.shape[1])]
+        recon, masks = zip(*outs)
+        return torch.stack(recon).mean(0), torch.stack(masks).mean(0)
+
+    def _decode_one(self, slots, target, ids):
+        """One order per sample, ids (B,) -> recon (B, N, D), masks (B, N, K) in raster order."""
+        B, N, D = target.shape
+        perm = self.orders[ids]                                              # (B, N)
+        seq = torch.gather(target, 1, perm.unsqueeze(-1).expand(B, N, D))    # (B, N, D) in order
+        x = torch.cat([self.bos[ids].unsqueeze(1), seq[:, :-1]], dim=1)      # teacher forcing
         x = self.input_norm(self.input_proj(x))
         ctx = self.slot_norm(self.slot_proj(slots))                          # (B, K, D)
-        ctx = ctx.unsqueeze(1).expand(B, R, *ctx.shape[1:]).flatten(0, 1)    # (B*R, K, D)
         for i, block in enumerate(self.blocks):
             x, weights = block(x, ctx, need_weights=i == len(self.blocks) - 1)
         x = self.final_norm(x)
-        masks = weights.sum(1)                                               # (B*R, N, K) over heads
+        masks = weights.sum(1)                                               # (B, N, K) over heads
         masks = masks / masks.sum(-1, keepdim=True)                          # L1 over slots
-        inv = self.inverse[order_ids]                                        # (B, R, N)
-        recon = _to_raster(x.view(B, R, N, D), inv).mean(1)
-        masks = _to_raster(masks.view(B, R, N, -1), inv).mean(1)
-        return recon, masks
+        inv = self.inverse[ids].unsqueeze(1)                                 # (B, 1, N)
+        return _to_raster(x.unsqueeze(1), inv)[:, 0], _to_raster(masks.unsqueeze(1), inv)[:, 0]
 
 
 def _to_raster(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,129 @@
+"""`spot-fast bench` on the tiny preset (CPU, seconds): the FLOP formula against torch's own
+counter, the JSON record, the 9-order mask check, the data rows over a real cache, and option
+checks. No timing is asserted: speed is measured by the bench itself."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from typer.testing import CliRunner
+
+from spot_fast.bench import BenchConfig, BenchError, format_table, run_bench
+from spot_fast.bench import flops
+from spot_fast.cli.app import app
+from spot_fast.config import preset
+from spot_fast.encoders import FrozenEncoder
+from spot_fast.model import SPOT
+
+from train_case import tiny_caches
+
+
+def counted(fn) -> int:
+    """torch's FLOP count of fn; attention on the math backend (the counter does not see the
+    CPU flash kernel)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def wide_tiny(stage=1):
+    """The tiny preset with several heads and slots, so that no count hides behind a 1."""
+    cfg = preset("tiny", stage=stage)
+    return dataclasses.replace(cfg, slot_attention=dataclasses.replace(cfg.slot_attention, num_slots=4))
+
+
+@pytest.mark.parametrize("orders", [1, 9])
+def test_flop_formula_matches_torch_counter_stage1(orders):
+    cfg, B = wide_tiny(), 3
+    model = SPOT(cfg).eval()
+    model.decoder.fast = False                 # the formula counts the plain path's work
+    x = torch.randn(B, cfg.encoder.num_patches, cfg.feature_dim)
+    ids = "all" if orders == 9 else 2
+    with torch.no_grad():
+        assert counted(lambda: model(x, orders=ids)) == flops.spot_forward(cfg, B, orders)
+
+
+def test_flop_formula_matches_torch_counter_stage2_and_encoder():
+    cfg, B = wide_tiny(stage=2), 2
+    model = SPOT(cfg).eval()
+    model.decoder.fast = False
+    tokens = torch.randn(B, 1 + cfg.encoder.num_patches, cfg.feature_dim)
+    with torch.no_grad():
+        assert counted(lambda: model(tokens, orders=0)) == flops.spot_forward(cfg, B)
+    encoder = FrozenEncoder.create(cfg.encoder, random_init=True)
+    images = torch.randn(B, 3, cfg.encoder.image_size, cfg.encoder.image_size)
+    assert counted(lambda: encoder(images)) == flops.encoder(cfg, B)
+
+
+def test_training_step_counts_three_forwards():
+    cfg, B = wide_tiny(), 2
+    model = SPOT(cfg).train()
+    model.decoder.fast = False
+    x = torch.randn(B, cfg.encoder.num_patches, cfg.feature_dim)
+    total = counted(lambda: model(x, orders=1).loss.backward())
+    # the backward skips the gradient of the detached decoder target's input projection
+    # and of the (non-trainable) features: within a few percent of 3x
+    assert abs(total / (flops.TRAIN_FACTOR * flops.spot_forward(cfg, B)) - 1) < 0.1
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cache = tiny_caches().both / "train"
+    cfg = BenchConfig(preset="tiny", batch=4, device="cpu", cache=str(cache), warmup=0, repeats=1,
+                      jpegs=3, data_batches=3, out=str(out))
+    return run_bench(cfg, log=lambda msg: None)
+
+
+def test_bench_json_has_every_section_and_the_record(result):
+    saved = json.loads(open(result["saved"]).read())
+    for key in ("hardware", "versions", "date", "git_commit", "peak_flops", "flop_count"):
+        assert key in saved, key
+    assert set(saved["sections"]) == {"stage1", "stage2", "eval", "data"}
+    assert set(saved["sections"]["eval"]["paths"]) == {"reference", "serial", "batched"}
+    for sec in ("stage1", "stage2"):
+        rows = saved["sections"][sec]["paths"]
+        assert set(rows) == {"reference", "spot-fast"}
+        assert rows["reference"]["flops_per_step"] > rows["spot-fast"]["flops_per_step"] > 0
+        assert all(r["median_s"] > 0 and r["img_s"] > 0 for r in rows.values())
+
+
+def test_bench_eval_masks_agree(result):
+    check = result["sections"]["eval"]["mask_check"]
+    assert check["max_abs_mask_diff"] < 1e-5 and check["argmax_agreement"] > 0.99
+
+
+def test_bench_data_rows_from_a_real_cache(result):
+    data = result["sections"]["data"]
+    for row in ("jpeg_reference", "cache_reader", "raw_memmap"):
+        assert data[row]["img_s"] > 0 and data[row]["gb_s"] > 0, row
+    assert 0 <= data["data_wait"]["share"] <= 1
+
+
+def test_table_names_every_path_and_missing_gpu(result):
+    table = format_table(result)
+    for word in ("stage1", "stage2", "eval", "batched vs serial", "jpeg_reference", "cache_reader"):
+        assert word in table, word
+    if not torch.cuda.is_available():
+        assert "not measured" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sections", "stage1,nope"], "--sections"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--precision", "fp8"], "--precision must be one of"),
+    (["--cache", "/nonexistent"], "not a feature cache"),
+    (["--preset", "imagenet"], "--preset must be one of"),
+])
+def test_bad_options_give_one_message(args, message, tmp_path):
+    res = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), *args])
+    assert res.exit_code == 2
+    assert message in res.output and "Traceback" not in res.output
+    assert not list(tmp_path.iterdir())        # nothing written
+
+
+def test_bench_config_rejects_bad_values():
+    with pytest.raises(BenchError, match="--batch must be >= 1"):
+        BenchConfig(batch=0).validate()
