@@ -19,9 +19,14 @@ def bench(
     precision: str = typer.Option("auto", help="Fast path: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."),
     out: Optional[Path] = typer.Option(None, help="JSON folder (default: $OUT or benchmarks/results)."),
     save: bool = typer.Option(True, help="Write the JSON result."),
+    sweep: int = typer.Option(0, "--sweep", metavar="M", help="Instead: M variants trained in one sweep against "
+                              "M separate runs (slot-count and lr grids; --preset, --cache, --batch, --device)."),
+    steps: int = typer.Option(24, help="With --sweep: optimiser steps per variant."),
 ):
     """Time the reference path (JPEG + encoder + serial decoding) beside spot-fast (cache + fast model)."""
     from spot_fast.bench import BenchConfig, format_table, run_bench
+    if sweep:
+        return _sweep(sweep, preset, cache, batch, device, steps, out, save)
     cfg = BenchConfig(preset=preset, batch=batch, device=device, cache=None if cache is None else str(cache),
                       sections=tuple(s.strip() for s in sections.split(",") if s.strip()), warmup=warmup,
                       repeats=repeats, compile=compile, precision=precision,
@@ -31,3 +36,16 @@ def bench(
     typer.echo(format_table(result))
     if "saved" in result:
         typer.echo(f"saved {result['saved']}")
+
+
+def _sweep(variants: int, preset: str, cache: Optional[Path], batch: Optional[int], device: str, steps: int,
+           out: Optional[Path], save: bool) -> None:
+    from spot_fast.bench.sweep import SweepBenchConfig, format_sweep_table, run_sweep_bench
+    from spot_fast.benchinfo import result_path, save_result
+    cfg = SweepBenchConfig(variants=variants, preset=preset, cache=None if cache is None else str(cache),
+                           batch_size=batch or 16, steps=steps, device=None if device == "auto" else device)
+    result = run_sweep_bench(cfg)
+    typer.echo(format_sweep_table(result))
+    if save:
+        path = save_result("bench_sweep", result, result_path("bench_sweep", out))
+        typer.echo(f"saved {path}")

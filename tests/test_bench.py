@@ -17,7 +17,7 @@ from spot_fast.config import preset
 from spot_fast.encoders import FrozenEncoder
 from spot_fast.model import SPOT
 
-from train_case import tiny_caches
+from train_case import one_thread, tiny_caches  # noqa: F401  (a fixture)
 
 
 def counted(fn) -> int:
@@ -127,3 +127,28 @@ def test_bad_options_give_one_message(args, message, tmp_path):
 def test_bench_config_rejects_bad_values():
     with pytest.raises(BenchError, match="--batch must be >= 1"):
         BenchConfig(batch=0).validate()
+
+
+def test_bench_sweep_times_every_variant_both_ways(one_thread):
+    from spot_fast.bench.sweep import SweepBenchConfig, format_sweep_table, run_sweep_bench
+    cfg = SweepBenchConfig(variants=2, cache=str(tiny_caches().both / "train"), batch_size=4, steps=2)
+    result = run_sweep_bench(cfg)
+    assert [r["grid"] for r in result["rows"]] == ["slot_attention.num_slots=3,4", "optim.lr=0.0002,0.0004"]
+    for row in result["rows"]:
+        assert row["variants"] == 2
+        for key in ("separate_s", "sweep_s", "stacked_s"):
+            assert len(row[key]) == 2 and all(t > 0 for t in row[key])
+        assert row["ratio_sweep"][0] == pytest.approx(row["separate_s"][0] / row["sweep_s"][0])
+    assert "optim.lr=0.0002,0.0004" in format_sweep_table(result)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sweep", "1"], "variants must be >= 2"),
+    (["--sweep", "2", "--steps", "0"], "steps must be >= 1"),
+    (["--sweep", "2", "--cache", "/nonexistent"], "not a finished train cache"),
+])
+def test_bench_sweep_bad_options_give_one_message(args, message, tmp_path):
+    res = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not list(tmp_path.iterdir())
