@@ -6,11 +6,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 import shlex
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ from spot_fast.sweep import run as sweep_run
 from spot_fast.sweep.run import Sweep, SweepConfig, sweep
 from spot_fast.train import TrainError, train
 from spot_fast.train.state import step_checkpoints, step_path
-from train_case import cli_command, run_env, tiny_caches, tiny_config, tiny_stage1_run
+from train_case import sigkill_when_written, tiny_caches, tiny_config, tiny_stage1_run
 
 GRID = ["slot_attention.num_slots=3,4", "optim.lr=4e-4,2e-3"]
 NAMES = ["num_slots=3_lr=4e-4", "num_slots=3_lr=2e-3", "num_slots=4_lr=4e-4", "num_slots=4_lr=2e-3"]
@@ -117,17 +114,9 @@ def test_sigkilled_sweep_resumes_to_the_same_result(grid_sweep, tmp_path):
     args = ["sweep", "--cache", tiny_caches().both, "--preset", "tiny", "--epochs", EPOCHS, "--batch-size", 4,
             "--checkpoint-every", EVERY, "--log-every", 1, "--eval-batch-size", 4, "--allow-random-init",
             "--device", "cpu", "--out", killed, *sum((["--grid", g] for g in GRID), [])]
-    proc = subprocess.Popen(cli_command(*args), env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not step_path(killed / NAMES[1], EVERY).exists():    # variants 3 and 4 are still behind
-            assert proc.poll() is None, f"the sweep ended before the checkpoint: {proc.stderr.read().decode()}"
-            assert time.monotonic() < deadline, "no checkpoint after 300 s"
-            time.sleep(0.002)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    # killed once variants 1 and 2 wrote step 3 (variants 3 and 4 are still behind)
+    returncode = sigkill_when_written(args, step_path(killed / NAMES[1], EVERY), timeout=300)
+    assert returncode == -signal.SIGKILL
     assert not (killed / "summary.md").exists()
 
     # one variant resumed on its own: sweep.json's `spot-fast train` command for it, plus --resume

@@ -3,17 +3,14 @@ losses and weights of the uninterrupted run (bit-identical on CPU)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import time
 
 import pytest
 import torch
 
 from spot_fast.train import train
 from spot_fast.train.state import step_checkpoints, step_path
-from train_case import cli_command, one_thread, run_env, tiny_caches, tiny_config  # noqa: F401 (fixture)
+from train_case import one_thread, sigkill_when_written, tiny_caches, tiny_config  # noqa: F401 (fixture)
 
 EPOCHS, STEPS_PER_EPOCH, EVERY = 8, 5, 7     # checkpoints at steps 7, 14, ... fall inside epochs
 
@@ -34,17 +31,8 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, one_thread):
     args = ["train", "--cache", tiny_caches().both, "--preset", "tiny", "--epochs", EPOCHS, "--batch-size", 4,
             "--checkpoint-every", EVERY, "--log-every", 1, "--eval-batch-size", 4, "--allow-random-init",
             "--no-progress", "--device", "cpu", "--out", killed]
-    proc = subprocess.Popen(cli_command(*args), env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while not step_path(killed, EVERY).exists():
-            assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.stderr.read().decode()}"
-            assert time.monotonic() < deadline, "no checkpoint after 180 s"
-            time.sleep(0.002)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    returncode = sigkill_when_written(args, step_path(killed, EVERY), timeout=180)
+    assert returncode == -signal.SIGKILL
     kept = step_checkpoints(killed)
     assert kept and int(kept[-1].stem.split("-")[1]) < EPOCHS * STEPS_PER_EPOCH, "the run finished before the kill"
     logged = records(killed)[-1]["step"]

@@ -8,9 +8,11 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +94,22 @@ def run_env() -> dict:
 
 def run_cli(*args, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run(cli_command(*args), env=run_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def sigkill_when_written(args, path: Path, timeout: float) -> int:
+    """Run `spot-fast ARGS` in a subprocess and SIGKILL it (a real kill, not a simulated exit) as
+    soon as `path` exists; returns its exit status (-SIGKILL when the kill landed)."""
+    proc = subprocess.Popen(cli_command(*args), env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            assert proc.poll() is None, f"the run ended before {path.name} was written: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, f"no {path.name} after {timeout} s"
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    return proc.returncode
 
 
 def tiny_stage1_run() -> Path:

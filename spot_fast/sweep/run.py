@@ -245,7 +245,7 @@ class Sweep:
 
     def _train(self, first: Trainer) -> None:
         """Read each batch once, move it once, step every variant whose position it is."""
-        spe, total = first.steps_per_epoch, max(r.total for r in self.runs)
+        spe, total = first.steps_per_epoch, max(r.trainer.total_steps for r in self.runs)
         step = min(r.trainer.state.step for r in self.runs)
         t0 = time.perf_counter()
         while step < total:
@@ -264,13 +264,14 @@ class Sweep:
         for teacher in self.teachers.values():
             teacher.new_step()
         for group in self.groups:
-            active = [r for r in group if r.trainer.state.step == step and step < r.total]
+            active = [r for r in group if r.trainer.state.step == step and not r.trainer.done]
             if len(active) > 1:
-                outs = stacked_train_step([r.trainer for r in active], self._stack(active), batch)
+                trainers = [r.trainer for r in active]
+                for t, out in zip(trainers, stacked_train_step(trainers, self._stack(active), batch)):
+                    t.record(out, batch, wait)
             else:
-                outs = [r.trainer.train_step(batch) for r in active]
-            for r, out in zip(active, outs):
-                r.after_step(out, batch, wait)
+                for r in active:
+                    r.trainer.step(batch, wait)
 
 
 def _without_commands(manifest: dict) -> dict:

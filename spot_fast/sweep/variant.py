@@ -1,13 +1,10 @@
-"""One variant's `Trainer` driven by the sweep, batch by batch.
+"""One variant's `Trainer` driven by the sweep, batch by batch, through the Trainer's public API.
 
-ADAPTER. `Trainer.fit()` pulls batches from the trainer's own reader; a sweep must hand the same
-device batch to every variant. `VariantRun` therefore repeats fit()'s bookkeeping around batches
-it is given (run folder, log, meter, checkpoints, end-of-epoch validation, final evaluation) using
-the Trainer's own methods (`prepare_run` is public; `_Meter`, `_log`, `_check_finite`,
-`_end_epoch` and `_finish` are not yet), and `stacked_train_step` repeats `Trainer.train_step` for a stacked
-group (lr, randomness, zero_grad -> ONE forward/backward -> clip, Adam step per variant). Both go
-away once the trainer exposes `begin()` / `step(batch)` / `end()` (fit = begin, step each batch,
-end) and splits `train_step` into before/forward-backward/after.
+`Trainer.fit()` pulls batches from the trainer's own reader; a sweep hands the same device batch
+to every variant, so `VariantRun` calls what fit() is built on: `begin()`, `step(batch)` (or, for
+a stacked group, `before_step` -> one stacked forward/backward -> `after_step` -> `record`),
+`finish()`, `close()`. What it adds is the sweep's own policy: a variant already trained and
+evaluated before the sweep (re)started is not evaluated again.
 """
 from __future__ import annotations
 
@@ -16,9 +13,8 @@ import torch
 from spot_fast.losses import stage2_loss
 from spot_fast.model import SPOT
 from spot_fast.sweep.stacked import StackedSPOT
-from spot_fast.train.logging import RunLog
-from spot_fast.train.loop import Trainer, _Meter
-from spot_fast.train.steps import StepRandomness, _autocast
+from spot_fast.train.loop import Trainer
+from spot_fast.train.steps import autocast
 
 
 class SharedTeacher:
@@ -41,65 +37,36 @@ class SharedTeacher:
 
 
 class VariantRun:
-    """Trainer.fit()'s loop body, one supplied batch at a time."""
+    """A named variant's trainer and whether it was finished before this sweep (re)started."""
 
     def __init__(self, name: str, trainer: Trainer):
         self.name, self.trainer = name, trainer
-        t = trainer
-        total = t.cfg.optim.epochs * t.steps_per_epoch
-        self.total = min(total, t.tcfg.max_steps) if t.tcfg.max_steps else total
-        self.log: RunLog | None = None
         self.finished = False     # trained and evaluated before this sweep (re)started
 
     def begin(self) -> None:
         """Write (or, resuming, check and load) the run folder and open its log."""
         t = self.trainer
-        t.prepare_run()
+        t.begin()
         evaluated = t.val_cache is None or all((t.run / "eval" / f).is_file() for f in ("metrics.json", "labels.npz"))
-        self.finished = t.state.step >= self.total and evaluated
-        self.log = RunLog(t.run if t.ranks.main else None, self.total, t.state.step, progress=False)
-        t.meter = _Meter(t.device, t.state)
-
-    def after_step(self, out: dict[str, torch.Tensor], batch: dict, wait: float) -> None:
-        """Meter, log, step checkpoints and the end of an epoch, as Trainer._epoch does."""
-        t, meter = self.trainer, self.trainer.meter
-        meter.wait += wait
-        meter.add(out, batch["features"].shape[0] * t.ranks.world_size, t.state.step)
-        s = t.state.step
-        if s % t.tcfg.log_every == 0 or s == self.total:
-            t._log(meter, self.log)
-        end_of_epoch = t.state.step_in_epoch == t.steps_per_epoch
-        every = t.tcfg.checkpoint_every
-        if every and s % every == 0 and not end_of_epoch:
-            t._check_finite(meter)
-            t.save()
-        if end_of_epoch:
-            t._end_epoch(meter, self.log)
+        self.finished = t.done and evaluated
 
     def finish(self) -> None:
-        """The final checkpoint and evaluation (`eval/`), as at the end of Trainer.fit()."""
+        """The final checkpoint and evaluation (`eval/`), unless the variant had them already."""
         if not self.finished:
-            self.trainer._finish(self.log)
+            self.trainer.finish()
 
     def close(self) -> None:
-        if self.log is not None:
-            self.log.close()
+        self.trainer.close()
 
 
 def stacked_train_step(trainers: list[Trainer], stacked: StackedSPOT, batch: dict) -> list[dict[str, torch.Tensor]]:
-    """`Trainer.train_step` for M trainers of one architecture at the same step: ONE stacked
-    forward/backward, then each trainer's own clipping and Adam step. Returns each one's losses."""
-    first = trainers[0]
-    s, features = first.state.step, batch["features"]
-    rnds = []
-    for t in trainers:
-        for group in t.optimizer.param_groups:
-            group["lr"] = t.lrs[s]
-        t.optimizer.zero_grad(set_to_none=True)
-        rnds.append(StepRandomness.draw(t.cfg, t.tcfg.seed, s, features.shape[0], t.ranks.rank,
-                                        t.ranks.world_size, t.device, t.teacher.cfg if t.teacher is not None else None))
+    """`Trainer.train_step` for M trainers of one architecture at the same step: each one's
+    `before_step`, ONE stacked forward/backward, each one's `after_step` (clipping, Adam step).
+    Returns each one's losses (for `Trainer.record`)."""
+    rnds = [t.before_step(batch) for t in trainers]
     rnd = rnds[0]                        # the students' draws: equal for one architecture and seed
-    with _autocast(features.device, first.autocast_dtype):
+    first, features = trainers[0], batch["features"]
+    with autocast(features.device, first.autocast_dtype):
         if first.teacher is None:
             out = stacked(features, orders=rnd.orders, noise=rnd.noise)
             total = out.loss.sum()
@@ -110,13 +77,10 @@ def stacked_train_step(trainers: list[Trainer], stacked: StackedSPOT, batch: dic
             for t, r, o in zip(trainers, rnds, stacked.unstack(out)):
                 with torch.no_grad():
                     masks = t.teacher(features, orders=r.teacher_orders, noise=r.teacher_noise).dec_masks
-                losses.append(stage2_loss(o, masks.float(), t.ce_weights[s]))
+                losses.append(stage2_loss(o, masks.float(), t.ce_weights[t.state.step]))
             total = sum(loss.total for loss in losses)
             results = [{"loss": x.total.detach(), "mse": x.mse.detach(), "ce": x.ce.detach()} for x in losses]
     total.backward()
     for t in trainers:
-        torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.optim.clip, norm_type="inf")
-        t.optimizer.step()
-        t.state.step += 1
-        t.state.step_in_epoch += 1
+        t.after_step()
     return results

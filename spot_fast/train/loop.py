@@ -3,9 +3,19 @@
     run = train(TrainConfig(stage=1, cache="runs/cache", preset="coco", out="runs/teacher"))
 
 `Trainer(cfg)` resolves the data, the model config, the model (and the stage-2 teacher) and the
-optimiser; `train_step(batch)` is one optimiser step on a device batch with no host sync;
-`fit()` runs the epochs. Losses stay on the device and are read every `log_every` steps, which is
-also where a NaN/inf loss stops the run (before it can reach a checkpoint).
+optimiser. `fit()` is built on a public per-batch API that other drivers (the sweep) use too:
+
+    trainer.begin()                      # run folder (or resume), log, meter
+    while not trainer.done:
+        trainer.step(batch)              # train_step + record: meter, log, checkpoints, end of epoch
+    trainer.finish(); trainer.close()    # final checkpoint and evaluation
+
+`train_step(batch)` (one optimiser step on a device batch, no host sync) is itself
+`before_step` (lr, randomness, zero_grad) -> `forward_backward` -> `after_step` (clip, Adam,
+counters), so a driver that runs several models' forward/backward as one (the stacked sweep)
+calls the three parts and then `record`. Losses stay on the device and are read every
+`log_every` steps, which is also where a NaN/inf loss stops the run (before it can reach a
+checkpoint).
 """
 from __future__ import annotations
 
@@ -25,6 +35,7 @@ from spot_fast.train.config import RESUME_FREE, TrainConfig, TrainError, config_
 from spot_fast.cache import device_batches
 from spot_fast.train.data import CacheBatches, ImageBatches, StreamBatches
 from spot_fast.train.logging import LOG_FILE, RunLog, truncate_log
+from spot_fast.train.meter import Meter
 from spot_fast.train.state import (BEST, CHECKPOINTS, TrainState, checkpoint, newest_checkpoint, read_checkpoint,
                                    save_atomic, save_step, set_rng_state, step_checkpoints, write_json_atomic)
 from spot_fast.train.steps import StepRandomness, stage1_forward_backward, stage2_forward_backward
@@ -59,7 +70,8 @@ class Trainer:
         self.forward_model = self._wrap(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.optim.lr, betas=(0.9, 0.999))
         self.state = TrainState()
-        self.meter: _Meter | None = None        # the loss sums of a running fit()
+        self.meter: Meter | None = None         # the loss sums of a run between begin() and close()
+        self.log: RunLog | None = None          # its log.jsonl / progress bar, likewise
         self.steps_per_epoch = len(self.data)
         if self.steps_per_epoch == 0:
             raise TrainError(f"the training data ({self.data_info['train_samples']} images) gives no batch of "
@@ -164,10 +176,10 @@ class Trainer:
             return torch.bfloat16
         return None
 
-    # ------------------------------------------------------------------ one step
+    # ------------------------------------------------------------------ one step, in three parts
 
-    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        """One optimiser step on a device batch; returns detached device tensors (loss, mse[, ce])."""
+    def before_step(self, batch: dict) -> StepRandomness:
+        """Set the step's lr, draw its randomness (a function of seed and step) and clear the gradients."""
         s = self.state.step
         for group in self.optimizer.param_groups:
             group["lr"] = self.lrs[s]
@@ -175,17 +187,30 @@ class Trainer:
                                   self.ranks.world_size, self.device,
                                   self.teacher.cfg if self.teacher is not None else None)
         self.optimizer.zero_grad(set_to_none=True)
+        return rnd
+
+    def forward_backward(self, batch: dict, rnd: StepRandomness) -> dict[str, torch.Tensor]:
+        """The stage's model + loss on the batch, gradients into the model; detached device losses."""
         if self.teacher is None:
-            out = stage1_forward_backward(self.forward_model, batch, orders=rnd.orders, noise=rnd.noise,
-                                          autocast_dtype=self.autocast_dtype)
-        else:
-            out = stage2_forward_backward(self.forward_model, self.teacher, batch, ce_weight=self.ce_weights[s],
-                                          orders=rnd.orders, teacher_orders=rnd.teacher_orders,
-                                          teacher_noise=rnd.teacher_noise, autocast_dtype=self.autocast_dtype)
+            return stage1_forward_backward(self.forward_model, batch, orders=rnd.orders, noise=rnd.noise,
+                                           autocast_dtype=self.autocast_dtype)
+        return stage2_forward_backward(self.forward_model, self.teacher, batch,
+                                       ce_weight=self.ce_weights[self.state.step], orders=rnd.orders,
+                                       teacher_orders=rnd.teacher_orders, teacher_noise=rnd.teacher_noise,
+                                       autocast_dtype=self.autocast_dtype)
+
+    def after_step(self) -> None:
+        """Clip the gradients (infinity norm), take the optimiser step, advance the step counters."""
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip, norm_type="inf")
         self.optimizer.step()
         self.state.step += 1
         self.state.step_in_epoch += 1
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One optimiser step on a device batch; returns detached device tensors (loss, mse[, ce])."""
+        rnd = self.before_step(batch)
+        out = self.forward_backward(batch, rnd)
+        self.after_step()
         return out
 
     # ------------------------------------------------------------------ run folder
@@ -196,7 +221,7 @@ class Trainer:
 
     def prepare_run(self) -> None:
         """Write config.json; on --resume check it is unchanged and load the newest checkpoint.
-        `fit()` starts with it; a driver that calls `train_step` itself calls it before `save()`."""
+        `begin()` starts with it."""
         file = self.run / CONFIG_FILE
         have = step_checkpoints(self.run)
         if self.tcfg.resume:
@@ -242,58 +267,62 @@ class Trainer:
             self.state.epoch_loss_sum, self.state.epoch_loss_count = self.meter.epoch_totals()
         return checkpoint(self.model, self.optimizer, self.state, self.cfg, self.tcfg.to_dict())
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the loop, batch by batch
 
-    def fit(self) -> Path:
-        self.prepare_run()
+    @property
+    def total_steps(self) -> int:
+        """The steps of the whole run: every epoch, or --max-steps if that comes first."""
         total = self.cfg.optim.epochs * self.steps_per_epoch
-        if self.tcfg.max_steps:
-            total = min(total, self.tcfg.max_steps)
-        log = RunLog(self.run if self.ranks.main else None, total, self.state.step, self.tcfg.progress)
-        self.meter = meter = _Meter(self.device, self.state)
-        try:
-            log.say(f"training stage {self.cfg.stage}: {self.data_info['train_samples']} images, "
-                    f"{self.steps_per_epoch} steps/epoch x {self.cfg.optim.epochs} epochs, batch "
-                    f"{self.batch_size} x {self.ranks.world_size} rank(s), device {self.device}"
-                    + (f"; {dropped} image(s) per epoch left out to keep the ranks' steps equal"
-                       if (dropped := getattr(self.data, "dropped", 0)) else ""))
-            while self.state.step < total:
-                self._epoch(total, meter, log)
-            self._finish(log)
-        finally:
-            log.close()
-        return self.run
+        return min(total, self.tcfg.max_steps) if self.tcfg.max_steps else total
 
-    def _epoch(self, total: int, meter: "_Meter", log: RunLog) -> None:
-        batches = device_batches(self.data.epoch(self.state.epoch, self.state.step_in_epoch), self.device)
-        end_of_epoch = self.state.step + self.steps_per_epoch - self.state.step_in_epoch
-        exhausted = False
-        while self.state.step < total:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            meter.wait += time.perf_counter() - t0
-            if batch is None:
-                exhausted = True
-                break
-            meter.add(self.train_step(batch), batch["features"].shape[0] * self.ranks.world_size, self.state.step)
-            s = self.state.step
-            if s % self.tcfg.log_every == 0 or s == total:
-                self._log(meter, log)
-            every = self.tcfg.checkpoint_every
-            if every and s % every == 0 and s != end_of_epoch:
-                self._check_finite(meter)
-                self.save()
-        if exhausted or self.state.step_in_epoch == self.steps_per_epoch:
-            self._end_epoch(meter, log)
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.total_steps
 
-    def _end_epoch(self, meter: "_Meter", log: RunLog) -> None:
-        self._check_finite(meter)
-        epoch_loss = float(self.ranks.mean(meter.epoch_mean()))
-        meter.new_epoch()
+    def begin(self) -> None:
+        """Prepare the run folder (or resume), open the log and the loss meter."""
+        self.prepare_run()
+        self.log = RunLog(self.run if self.ranks.main else None, self.total_steps, self.state.step, self.tcfg.progress)
+        self.meter = Meter(self.device, self.state)
+        dropped = getattr(self.data, "dropped", 0)
+        self.log.say(f"training stage {self.cfg.stage}: {self.data_info['train_samples']} images, "
+                     f"{self.steps_per_epoch} steps/epoch x {self.cfg.optim.epochs} epochs, batch "
+                     f"{self.batch_size} x {self.ranks.world_size} rank(s), device {self.device}"
+                     + (f"; {dropped} image(s) per epoch left out to keep the ranks' steps equal" if dropped else ""))
+
+    def step(self, batch: dict, wait: float = 0.0) -> dict[str, torch.Tensor]:
+        """One optimiser step on the next device batch of the run, then `record` it. `wait`: the
+        seconds spent waiting for the batch (the log's data_wait)."""
+        out = self.train_step(batch)
+        self.record(out, batch, wait)
+        return out
+
+    def record(self, out: dict[str, torch.Tensor], batch: dict, wait: float = 0.0) -> None:
+        """The bookkeeping after a step's update: meter, a log line every log_every steps (and at the
+        end), the NaN/inf check, step checkpoints, and the end of the epoch when this step ends it."""
+        self.meter.wait += wait
+        self.meter.add(out, batch["features"].shape[0] * self.ranks.world_size, self.state.step)
+        s = self.state.step
+        if s % self.tcfg.log_every == 0 or s == self.total_steps:
+            self._log_window()
+        epoch_done = self.state.step_in_epoch == self.steps_per_epoch
+        every = self.tcfg.checkpoint_every
+        if every and s % every == 0 and not epoch_done:
+            self._check_finite()
+            self.save()
+        if epoch_done:
+            self.end_epoch()
+
+    def end_epoch(self) -> None:
+        """Validate, advance the epoch, write its checkpoint (and best.pt). `record` calls it after an
+        epoch's last step; a driver calls it itself when the reader runs out before that."""
+        self._check_finite()
+        epoch_loss = float(self.ranks.mean(self.meter.epoch_mean()))
+        self.meter.new_epoch()
         value = epoch_loss
         if self.ranks.main and self.val_cache is not None:
             value = reconstruction_loss(self.model, self.val_cache, self.tcfg.eval_batch_size, self.tcfg.seed)
-            log.record("val", self.state.step, epoch=self.state.epoch, loss=value)
+            self.log.record("val", self.state.step, epoch=self.state.epoch, loss=value)
         self.state.epoch += 1
         self.state.step_in_epoch = 0
         improved = value < self.state.best
@@ -305,77 +334,68 @@ class Trainer:
             if improved:
                 save_atomic(ckpt, self.run / CHECKPOINTS / BEST)
 
-    def _log(self, meter: "_Meter", log: RunLog) -> None:
-        self._check_finite(meter)
-        values = {k: float(self.ranks.mean(v)) for k, v in meter.window_means().items()}
-        rates = meter.rates()
-        values.update(rates, lr=self.lrs[self.state.step - 1], epoch=self.state.epoch)
-        log.record("train", self.state.step, **values)
-        log.progress(self.state.step, f"loss {values['loss']:.4f}  {rates['img_s']:.0f} img/s")
-        meter.new_window()
-
-    def _check_finite(self, meter: "_Meter") -> None:
-        bad = int(self.ranks.max(meter.bad_step))    # a host sync: only at log and checkpoint times
-        if bad >= 0:
-            last = step_checkpoints(self.run)
-            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-            raise TrainError(f"the loss is NaN/inf at step {bad}: stopped ({where}); lower --lr or check the data")
-
-    def _finish(self, log: RunLog) -> None:
+    def finish(self) -> None:
+        """The final checkpoint (unless the newest is of this step) and the evaluation into eval/."""
         if self.ranks.main:
             if not step_checkpoints(self.run) or newest_checkpoint(self.run).name != f"step-{self.state.step:08d}.pt":
                 self.save()
             if self.val_cache is not None:
                 result = evaluate(self.model, self.val_cache, orders="all", batch_size=self.tcfg.eval_batch_size,
                                   out=self.run / "eval", seed=self.tcfg.seed)
-                log.record("eval", self.state.step, **{f"{k}/{m}": v for k in ("decoder", "slot_attention")
-                                                       for m, v in result[k].items()})
-                log.say(f"eval (all orders): decoder {_fmt(result['decoder'])} | slot attention "
-                        f"{_fmt(result['slot_attention'])}")
+                self.log.record("eval", self.state.step, **{f"{k}/{m}": v for k in ("decoder", "slot_attention")
+                                                            for m, v in result[k].items()})
+                self.log.say(f"eval (all orders): decoder {_fmt(result['decoder'])} | slot attention "
+                             f"{_fmt(result['slot_attention'])}")
         self.ranks.barrier()
+
+    def close(self) -> None:
+        """Close the log (and the progress bar); call it after `finish`, or when the run stops early."""
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def fit(self) -> Path:
+        """begin, `step` over the reader's batches epoch by epoch, finish."""
+        self.begin()
+        try:
+            while not self.done:
+                self._epoch()
+            self.finish()
+        finally:
+            self.close()
+        return self.run
+
+    def _epoch(self) -> None:
+        """The reader's batches from the run's position to the end of the epoch (or of the run)."""
+        batches = device_batches(self.data.epoch(self.state.epoch, self.state.step_in_epoch), self.device)
+        epoch = self.state.epoch
+        while not self.done and self.state.epoch == epoch:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:                   # the reader gave fewer than steps_per_epoch batches
+                self.end_epoch()
+                return
+            self.step(batch, time.perf_counter() - t0)
+
+    def _log_window(self) -> None:
+        self._check_finite()
+        values = {k: float(self.ranks.mean(v)) for k, v in self.meter.window_means().items()}
+        rates = self.meter.rates()
+        values.update(rates, lr=self.lrs[self.state.step - 1], epoch=self.state.epoch)
+        self.log.record("train", self.state.step, **values)
+        self.log.progress(self.state.step, f"loss {values['loss']:.4f}  {rates['img_s']:.0f} img/s")
+        self.meter.new_window()
+
+    def _check_finite(self) -> None:
+        bad = int(self.ranks.max(self.meter.bad_step))    # a host sync: only at log and checkpoint times
+        if bad >= 0:
+            last = step_checkpoints(self.run)
+            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+            raise TrainError(f"the loss is NaN/inf at step {bad}: stopped ({where}); lower --lr or check the data")
 
 
 def _fmt(metrics: dict) -> str:
     return "  ".join(f"{k} {v:.1f}" for k, v in metrics.items())
-
-
-class _Meter:
-    """Loss sums kept on the device (no sync per step) and host-side timing of the log window."""
-
-    def __init__(self, device, state: TrainState):
-        self.device = device
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.epoch_sum = torch.tensor(state.epoch_loss_sum, device=device)   # a resumed epoch's steps so far
-        self.epoch_count = state.epoch_loss_count
-        self.new_window()
-
-    def new_window(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count, self.images, self.wait, self.t0 = 0, 0, 0.0, time.perf_counter()
-
-    def new_epoch(self) -> None:
-        self.epoch_sum, self.epoch_count = torch.zeros((), device=self.device), 0
-
-    def add(self, out: dict[str, torch.Tensor], images: int, step: int) -> None:
-        for k, v in out.items():
-            self.sums[k] = self.sums.get(k, 0) + v.float()
-        bad = ~torch.isfinite(out["loss"]) & (self.bad_step < 0)
-        self.bad_step = torch.where(bad, torch.full_like(self.bad_step, step), self.bad_step)
-        self.epoch_sum = self.epoch_sum + out["loss"].float()
-        self.count, self.images, self.epoch_count = self.count + 1, self.images + images, self.epoch_count + 1
-
-    def window_means(self) -> dict[str, torch.Tensor]:
-        return {k: v / self.count for k, v in self.sums.items()}
-
-    def epoch_totals(self) -> tuple[float, int]:
-        return float(self.epoch_sum), self.epoch_count
-
-    def epoch_mean(self) -> torch.Tensor:
-        return self.epoch_sum / max(self.epoch_count, 1)
-
-    def rates(self) -> dict[str, float]:
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        return {"img_s": self.images / dt, "ms_step": 1000 * dt / max(self.count, 1), "data_wait": self.wait / dt}
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -385,4 +405,3 @@ def train(cfg: TrainConfig) -> Path:
         return Trainer(cfg, ranks).fit()
     finally:
         ddp.teardown(ranks)
-

@@ -18,7 +18,7 @@ from spot_fast.config import SPOTConfig
 from spot_fast.losses import stage2_loss
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
@@ -27,7 +27,7 @@ def stage1_forward_backward(model, batch: dict, *, generator: torch.Generator | 
                             autocast_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Stage 1: reconstruct the frozen features from the slots. batch["features"]: (B, N, D)."""
     features = batch["features"]
-    with _autocast(features.device, autocast_dtype):
+    with autocast(features.device, autocast_dtype):
         out = model(features, orders=orders, noise=noise, generator=generator)
     out.loss.backward()
     loss = out.loss.detach()
@@ -42,7 +42,7 @@ def stage2_forward_backward(student, teacher, batch: dict, *, ce_weight: float |
     reads batch["split_tokens"] (B, 1+R+N, D) through its fine-tuned tail, reconstructs the same
     features and distils the teacher's decoder masks into its slot-attention logits."""
     features = batch["features"]
-    with _autocast(features.device, autocast_dtype):
+    with autocast(features.device, autocast_dtype):
         with torch.no_grad():
             t = teacher(features, orders=teacher_orders, noise=teacher_noise, generator=generator)
         out = student(batch["split_tokens"], target=features, orders=orders, generator=generator)
