@@ -18,7 +18,7 @@ def bench(
     compile: str = typer.Option("auto", help="torch.compile the fast path: auto (GPU only) | on | off."),
     precision: str = typer.Option("auto", help="Fast path: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."),
     out: Optional[Path] = typer.Option(None, help="JSON folder (default: $OUT or benchmarks/results)."),
-    save: bool = typer.Option(True, help="Write the JSON result."),
+    save: bool = typer.Option(True, metavar="", help="Write the JSON result."),
     sweep: int = typer.Option(0, "--sweep", metavar="M", help="Instead: M variants trained in one sweep against "
                               "M separate runs (slot-count and lr grids; --preset, --cache, --batch, --device)."),
     steps: int = typer.Option(24, help="With --sweep: optimiser steps per variant."),

@@ -17,7 +17,7 @@ def evaluate(
     batch_size: int = typer.Option(64, min=1, help="Images per forward."),
     num_pictures: int = typer.Option(8, min=0, help="Rows of the picture grid."),
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)."),
-    allow_random_init: bool = typer.Option(False, "--allow-random-init", help="Accept a random-init cache."),
+    allow_random_init: bool = typer.Option(False, "--allow-random-init", metavar="", help="Accept a random-init cache."),
 ):
     """Evaluate a run: FG-ARI, mBO^i, mBO^c, mIoU of the decoder and slot-attention masks."""
     from spot_fast.evaluate import evaluate_run

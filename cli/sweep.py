@@ -33,12 +33,12 @@ def sweep(
                                           "variants (its forward runs once per step)."),
     teachers: Optional[Path] = typer.Option(None, help="Stage 2: a stage-1 sweep folder; each variant's teacher "
                                             "is the run of the same name in it."),
-    stack: bool = typer.Option(False, "--stack", help="Run variants of one architecture (differing only in "
+    stack: bool = typer.Option(False, "--stack", metavar="", help="Run variants of one architecture (differing only in "
                                "optimiser settings) as one vmapped model."),
     rank_by: str = typer.Option("decoder.mbo_i", help="Summary column that picks the best variant."),
-    plan: bool = typer.Option(False, "--plan", help="Print the variants, their memory and how many fit; "
+    plan: bool = typer.Option(False, "--plan", metavar="", help="Print the variants, their memory and how many fit; "
                               "train nothing."),
-    check_memory: bool = typer.Option(True, help="Refuse a sweep whose memory estimate does not fit."),
+    check_memory: bool = typer.Option(True, metavar="", help="Refuse a sweep whose memory estimate does not fit."),
     epochs: Optional[int] = options.EPOCHS,
     batch_size: Optional[int] = options.BATCH_SIZE,
     lr: Optional[float] = options.LR,
@@ -47,7 +47,7 @@ def sweep(
     log_every: int = options.LOG_EVERY,
     checkpoint_every: int = options.CHECKPOINT_EVERY,
     keep_last: int = options.KEEP_LAST,
-    resume: bool = typer.Option(False, "--resume", help="Continue the sweep in --out after a kill."),
+    resume: bool = typer.Option(False, "--resume", metavar="", help="Continue the sweep in --out after a kill."),
     allow_random_init: bool = options.ALLOW_RANDOM_INIT,
     device: Optional[str] = options.DEVICE,
     drop_last: bool = options.DROP_LAST,

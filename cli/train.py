@@ -65,10 +65,10 @@ PRECISION = typer.Option("auto", help="auto (bf16 on CUDA) | bf16 | fp32 (also t
 LOG_EVERY = typer.Option(50, min=1, help="Steps between log lines.")
 CHECKPOINT_EVERY = typer.Option(0, min=0, help="Steps between checkpoints (0: every epoch).")
 KEEP_LAST = typer.Option(3, min=1, help="Step checkpoints kept per run folder (plus best.pt).")
-ALLOW_RANDOM_INIT = typer.Option(False, "--allow-random-init", help="Accept a random-init cache or encoder "
+ALLOW_RANDOM_INIT = typer.Option(False, "--allow-random-init", metavar="", help="Accept a random-init cache or encoder "
                                  "(tests and the demo).")
 DEVICE = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda:LOCAL_RANK if present).")
-DROP_LAST = typer.Option(True, help="Drop the last short batch of every epoch.")
+DROP_LAST = typer.Option(True, metavar="", help="Drop the last short batch of every epoch.")
 MAX_STEPS = typer.Option(0, min=0, help="Stop after this many steps (0: all epochs).")
 EVAL_BATCH_SIZE = typer.Option(64, min=1, help="Batch of the validation passes.")
 
@@ -102,17 +102,17 @@ def train(
     lr: Optional[float] = LR,
     seed: int = SEED,
     precision: str = PRECISION,
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    compile: bool = typer.Option(False, "--compile", metavar="", help="torch.compile the model."),
     log_every: int = LOG_EVERY,
     checkpoint_every: int = CHECKPOINT_EVERY,
     keep_last: int = KEEP_LAST,
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", metavar="", help="Continue the run in --out from its newest checkpoint."),
     allow_random_init: bool = ALLOW_RANDOM_INIT,
     device: Optional[str] = DEVICE,
     drop_last: bool = DROP_LAST,
     max_steps: int = MAX_STEPS,
     eval_batch_size: int = EVAL_BATCH_SIZE,
-    progress: bool = typer.Option(True, help="Show the progress bar."),
+    progress: bool = typer.Option(True, metavar="", help="Show the progress bar."),
 ):
     """Train SPOT stage 1 or 2 from a feature cache (or from images), resumable, on one GPU or many."""
     from spot_fast.train import train as run_training
