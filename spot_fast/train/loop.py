@@ -288,7 +288,8 @@ class Trainer:
         self.log.say(f"training stage {self.cfg.stage}: {self.data_info['train_samples']} images, "
                      f"{self.steps_per_epoch} steps/epoch x {self.cfg.optim.epochs} epochs, batch "
                      f"{self.batch_size} x {self.ranks.world_size} rank(s), device {self.device}"
-                     + (f"; {dropped} image(s) per epoch left out (a short last batch under --drop-last, or to keep the ranks' steps equal)" if dropped else ""))
+                     + (f"; {dropped} image(s) per epoch left out (a short last batch under --drop-last, "
+                        f"or to keep the ranks' steps equal)" if dropped else ""))
 
     def step(self, batch: dict, wait: float = 0.0) -> dict[str, torch.Tensor]:
         """One optimiser step on the next device batch of the run, then `record` it. `wait`: the
