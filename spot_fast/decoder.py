@@ -27,7 +27,8 @@ from spot_fast.layers import linear
 from spot_fast.permutations import inverse_orders, patch_orders
 
 # Tokens (sequences x positions) decoded per chunk by the fast path, per device type. On a CPU a
-# chunk of ~2k tokens keeps the 4x-wide FFN activations near the L2/L3 caches; a GPU wants them all.
+# chunk of ~2k tokens keeps the 4x-wide FFN activations near the L2/L3 caches (COCO shapes, batch
+# 8, 1 thread: one order per chunk 1.06x serial, all 9 orders in one chunk 0.95x); a GPU wants them all.
 TOKEN_BUDGET = {"cpu": 2048, "cuda": 1 << 18}
 
 
