@@ -127,3 +127,20 @@ def test_chunk_sizes_follow_the_token_budget():
     assert dec.orders_per_chunk(20 * N, cpu) == 1        # never zero orders
     dec.token_budget = None
     assert dec.orders_per_chunk(8 * 196, cpu) >= 1
+
+
+def test_first_block_projections_run_once_per_token():
+    """The fast path projects the target (input projection and the first block's q, k, v) once
+    per sample, not once per order: R orders save (R - 1) x those matmuls against the reference
+    (counted by torch's FlopCounterMode, independent of our code), at the cost of the P BOS rows."""
+    from torch.utils.flop_counter import FlopCounterMode
+    dec = make_decoder()
+    B, R, P = 3, 9, dec.bos.shape[0]
+    slots, target, ids = inputs(B, R, torch.float32)
+    flops = {}
+    for fast in (False, True):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            run(dec, fast, slots, target, ids, budget=1)
+        flops[fast] = counter.get_total_flops()
+    per_token = 2 * (D * D + D * 3 * D)                 # input projection + first-block q, k, v
+    assert flops[False] - flops[True] >= (R - 1) * B * N * per_token - P * per_token

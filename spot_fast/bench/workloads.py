@@ -12,6 +12,7 @@ import io
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -22,6 +23,7 @@ from spot_fast.config import SPOTConfig, teacher
 from spot_fast.data.transforms import hflip, resize_center_crop, to_input
 from spot_fast.encoders import FrozenEncoder
 from spot_fast.model import SPOT
+from spot_fast.train.optim import adam, clip_grad_inf_norm_
 from spot_fast.train.steps import stage1_forward_backward, stage2_forward_backward
 
 
@@ -118,18 +120,22 @@ def encoder_prefix(encoder: FrozenEncoder, images: torch.Tensor, blocks: int) ->
 
 
 class Trainee:
-    """A model, its Adam and gradient clipping: one optimiser step per call."""
+    """A model, its Adam and gradient clipping: one optimiser step per call. The reference path
+    uses torch's defaults (per-tensor Adam, `clip_grad_norm_`), the fast path the trainer's
+    (`spot_fast.train.optim`: fused Adam, the same clipping computed faster)."""
 
     def __init__(self, model: SPOT, options: Options, fast: bool):
         self.model = model.to(options.device).train()
         self.options = options
-        self.opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=options.lr)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = adam(params, lr=options.lr) if fast else torch.optim.Adam(params, lr=options.lr)
+        self.clip = clip_grad_inf_norm_ if fast else partial(torch.nn.utils.clip_grad_norm_, norm_type=math.inf)
         self.run = torch.compile(model) if fast and options.compile else model
         self.autocast_dtype = torch.bfloat16 if fast and options.bf16 else None
 
     def step(self, forward_backward: Callable[[SPOT, torch.dtype | None], dict]) -> dict:
         out = forward_backward(self.run, self.autocast_dtype)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.options.clip, norm_type=math.inf)
+        self.clip(self.model.parameters(), self.options.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return out
