@@ -36,6 +36,7 @@ from spot_fast.cache import device_batches
 from spot_fast.train.data import CacheBatches, ImageBatches, StreamBatches
 from spot_fast.train.logging import LOG_FILE, RunLog, truncate_log
 from spot_fast.train.meter import Meter
+from spot_fast.train.optim import adam, clip_grad_inf_norm_
 from spot_fast.train.state import (BEST, CHECKPOINTS, TrainState, checkpoint, newest_checkpoint, read_checkpoint,
                                    save_atomic, save_step, set_rng_state, step_checkpoints, write_json_atomic)
 from spot_fast.train.steps import StepRandomness, stage1_forward_backward, stage2_forward_backward
@@ -68,7 +69,7 @@ class Trainer:
             self.model.load_tail(tail)
             self.teacher = load_teacher(cfg.teacher, self.cfg, self.device)
         self.forward_model = self._wrap(self.model)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.optim.lr, betas=(0.9, 0.999))
+        self.optimizer = adam(self.model.parameters(), lr=self.cfg.optim.lr)
         self.state = TrainState()
         self.meter: Meter | None = None         # the loss sums of a run between begin() and close()
         self.log: RunLog | None = None          # its log.jsonl / progress bar, likewise
@@ -201,7 +202,7 @@ class Trainer:
 
     def after_step(self) -> None:
         """Clip the gradients (infinity norm), take the optimiser step, advance the step counters."""
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip, norm_type="inf")
+        clip_grad_inf_norm_(self.model.parameters(), self.cfg.optim.clip)
         self.optimizer.step()
         self.state.step += 1
         self.state.step_in_epoch += 1
