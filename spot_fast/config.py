@@ -62,6 +62,19 @@ class EncoderConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+    # Position table of a custom ViT built without weights: "learned" (timm's, ~0 at init, so such
+    # features say nothing about where a patch is) | "sincos" (a fixed 2-D sin-cos table: the demo).
+    position: str = "learned"
+    position_scale: float = 0.25    # "sincos": the table's amplitude (about the patch embeddings' scale)
+
+    def __post_init__(self):
+        if self.position not in ("learned", "sincos"):
+            raise ValueError(f"encoder position must be 'learned' or 'sincos', got {self.position!r}")
+        if self.position != "learned" and self.name != "custom":
+            raise ValueError(f"encoder position {self.position!r} is for custom encoders only; "
+                             f"{self.name!r} brings its own table: leave position='learned'")
+        if not self.position_scale > 0:
+            raise ValueError(f"encoder position_scale must be > 0, got {self.position_scale}")
 
     @property
     def spec(self) -> EncoderSpec:
@@ -218,7 +231,7 @@ def _demo() -> SPOTConfig:
     64 wide), 4 small slots, small decoders, a short high-lr schedule: minutes on a CPU."""
     return SPOTConfig(
         encoder=EncoderConfig(name="custom", image_size=64, patch_size=8, embed_dim=64, depth=2,
-                              num_heads=2, split_block=1),
+                              num_heads=2, split_block=1, position="sincos"),
         slot_attention=SlotAttentionConfig(num_slots=4, slot_size=32, mlp_hidden=64),
         decoder=DecoderConfig(num_blocks=2, num_heads=2, mlp_hidden=64),
         optim=OptimConfig(batch_size=32, epochs=30, lr=4e-3, lr_min=4e-5, warmup_steps=32))

@@ -12,8 +12,9 @@
 5. report    one table on stdout; OUT/report.md (table + pictures), OUT/masks.png, OUT/results.json
 
 The encoder: without `weights`, a small random-init ViT (`demo_encoder`): it knows nothing about
-objects; its features carry each patch's colour and, through a fixed sin-cos position table,
-its place. With `weights`, a real DINO ViT (`encoder`, e.g. dino_vits8) on the same scenes.
+objects; its features carry each patch's colour and, through a fixed sin-cos position table
+(`EncoderConfig.position="sincos"`), its place. With `weights`, a real DINO ViT (`encoder`, e.g.
+dino_vits8) on the same scenes.
 This is not COCO: the scenes are flat-coloured shapes on plain backgrounds, chosen so that
 learning shows in minutes; the figures say that the pipeline learns to group, not how well SPOT
 does on natural images.
@@ -42,7 +43,6 @@ MODEL_TITLES = {"stage1": "SPOT stage 1", "stage2": "SPOT stage 2", "dinosaur": 
 DINOSAUR = {"decoder.kind": "mlp", "decoder.train_orders": "standard", "decoder.eval_orders": "standard"}
 METRIC_TITLES = {"fg_ari": "FG-ARI", "mbo_i": "mBO^i", "mbo_c": "mBO^c", "miou": "mIoU"}
 DATA_RECORD = "demo_data.json"      # the SyntheticConfig the data folder was written with
-POSITION_SCALE = 0.25               # demo encoder: amplitude of the sin-cos position table
 
 
 class DemoError(UserError):
@@ -117,39 +117,22 @@ def make_data(cfg: DemoConfig, say=print) -> Path:
 
 # ----------------------------------------------------------------------------- 2. cache
 
-def sincos_table(grid: int, dim: int) -> torch.Tensor:
-    """(grid * grid, dim) 2-D sin-cos position table in raster order: the first half of the
-    channels encode the row, the second half the column, at dim // 4 frequencies each."""
-    q = dim // 4
-    omega = 1.0 / 100.0 ** (torch.arange(q, dtype=torch.float64) / q)        # (q,)
-    angle = torch.arange(grid, dtype=torch.float64)[:, None] * omega          # (grid, q)
-    one = torch.cat([angle.sin(), angle.cos()], dim=1)                        # (grid, 2q)
-    rows = one[:, None].expand(grid, grid, 2 * q)
-    cols = one[None, :].expand(grid, grid, 2 * q)
-    table = torch.zeros(grid, grid, dim, dtype=torch.float64)
-    table[..., :4 * q] = torch.cat([rows, cols], dim=-1)
-    return table.reshape(grid * grid, dim).float()
-
-
 def demo_encoder(cfg: EncoderConfig, seed: int):
     """The random-init ViT of the demo. An untrained ViT's learned position table starts near zero
     (std 0.02), so its features would say nothing about where a patch is; a pretrained ViT's do.
-    Here the table is a fixed 2-D sin-cos one, at about the patch embeddings' scale: the features
-    carry colour and position, and nothing about objects. Its weights id says so (and marks the
-    cache random-init, as FrozenEncoder.create(random_init=True) does)."""
+    The demo preset's encoder has a fixed 2-D sin-cos table instead (`EncoderConfig.position`):
+    the features carry colour and position, and nothing about objects. Its weights id says so
+    (and marks the cache random-init, as FrozenEncoder.create(random_init=True) does)."""
     from spot_fast.encoders import FrozenEncoder
     encoder = FrozenEncoder.create(cfg, random_init=True, seed=seed)
-    with torch.no_grad():
-        pos = encoder.vit.pos_embed                                           # (1, prefix + N, D)
-        pos.zero_()
-        pos[0, encoder.num_prefix_tokens:] = POSITION_SCALE * sincos_table(cfg.grid_size, cfg.embed_dim)
-    encoder.weights_id = demo_encoder_id(seed)
+    encoder.weights_id = demo_encoder_id(cfg, seed)
     return encoder
 
 
-def demo_encoder_id(seed: int) -> str:
-    """The weights id of `demo_encoder(_, seed)` in cache keys and manifests."""
-    return f"random-init:{seed}+sincos-position-{POSITION_SCALE}"
+def demo_encoder_id(cfg: EncoderConfig, seed: int) -> str:
+    """The weights id of `demo_encoder(cfg, seed)` in cache keys and manifests."""
+    table = f"+sincos-position-{cfg.position_scale}" if cfg.position == "sincos" else ""
+    return f"random-init:{seed}{table}"
 
 
 def cache_encoder(cfg: DemoConfig) -> EncoderConfig:
@@ -159,7 +142,7 @@ def cache_encoder(cfg: DemoConfig) -> EncoderConfig:
     if cfg.weights is None:
         return enc
     depth = ENCODERS[cfg.encoder].depth
-    return dataclasses.replace(enc, name=cfg.encoder, split_block=depth - 2)
+    return dataclasses.replace(enc, name=cfg.encoder, split_block=depth - 2, position="learned")
 
 
 def make_caches(cfg: DemoConfig, data: Path, say=print) -> Path:
@@ -172,7 +155,7 @@ def make_caches(cfg: DemoConfig, data: Path, say=print) -> Path:
     folder = Path(cfg.out) / "cache"
     encoder = None
     resolved = None if cfg.weights is None else resolve_weights(enc, cfg.weights)
-    weights_id = demo_encoder_id(cfg.seed) if resolved is None else resolved[1]
+    weights_id = demo_encoder_id(enc, cfg.seed) if resolved is None else resolved[1]
     for split in ("train", "val"):
         spec = CacheSpec("synthetic", str(data), split, enc, weights_id, split_block=enc.split_block,
                          mask_size=enc.image_size)
