@@ -43,6 +43,7 @@ MODEL_TITLES = {"stage1": "SPOT stage 1", "stage2": "SPOT stage 2", "dinosaur": 
 DINOSAUR = {"decoder.kind": "mlp", "decoder.train_orders": "standard", "decoder.eval_orders": "standard"}
 METRIC_TITLES = {"fg_ari": "FG-ARI", "mbo_i": "mBO^i", "mbo_c": "mBO^c", "miou": "mIoU"}
 DATA_RECORD = "demo_data.json"      # the SyntheticConfig the data folder was written with
+TEACHER_RECORD = "demo_teacher.json"  # in the stage-2 run: the teacher folder and its checkpoint's sha256
 
 
 class DemoError(UserError):
@@ -190,14 +191,24 @@ def train_config(cfg: DemoConfig, name: str, cache: Path):
                        log_every=10)
 
 
+def teacher_id(teacher: Path) -> str:
+    """sha256 of a teacher run's newest step checkpoint (a finished run's final weights, the ones
+    stage 2 distils): the run's config names only the teacher's folder, whose content can change."""
+    from spot_fast.encoders import file_sha256
+    from spot_fast.train.state import checkpoint_file
+    return file_sha256(checkpoint_file(teacher))
+
+
 def train_model(tcfg, say=print) -> Path:
     """Train one model to the end and evaluate it (the trainer's last step). A finished run with
-    the same settings is reused; an interrupted one is resumed."""
+    the same settings (and, for stage 2, the same teacher weights) is reused; an interrupted one
+    is resumed."""
     from spot_fast.train import train
     from spot_fast.train.config import RESUME_FREE, config_diff
     from spot_fast.train.state import step_checkpoints
     run = Path(tcfg.out)
-    config_file = run / "config.json"
+    config_file, record = run / "config.json", run / TEACHER_RECORD
+    teacher = None if tcfg.teacher is None else {"teacher": tcfg.teacher, "sha256": teacher_id(Path(tcfg.teacher))}
     if config_file.is_file() and step_checkpoints(run):
         have = json.loads(config_file.read_text())["train"]
         want = json.loads(json.dumps(tcfg.to_dict()))
@@ -205,10 +216,16 @@ def train_model(tcfg, say=print) -> Path:
         if diff:
             raise DemoError(f"{run} holds a run with other settings ({', '.join(diff)} differ): pass another "
                             f"--out, or delete {run} to train it again")
+        if teacher is not None and (not record.is_file() or json.loads(record.read_text()) != teacher):
+            raise DemoError(f"{run} was distilled from other stage-1 weights than those now in {tcfg.teacher} "
+                            f"(retrained since): delete {run} to train stage 2 again from them")
         if (run / "eval" / "metrics.json").is_file():
             say(f"already trained: {run}")
             return run
         return train(dataclasses.replace(tcfg, resume=True))
+    if teacher is not None:
+        run.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(teacher))
     return train(tcfg)
 
 

@@ -1,6 +1,7 @@
 """`spot-fast demo` end to end at a tiny size: files, the table against the runs' own metrics and
 independently scored baselines, reuse on a second run, and the errors a user can cause."""
 import dataclasses
+import hashlib
 import json
 import re
 import subprocess
@@ -112,6 +113,24 @@ def test_a_finished_run_with_other_settings_is_refused(demo_run, tmp_path):
     tcfg = train_config(tiny_config(out, extra={**TINY, "optim.lr": "0.001"}), "stage1", out / "cache")
     with pytest.raises(DemoError, match="other settings"):
         train_model(tcfg)
+
+
+def test_stage2_trained_from_other_teacher_weights_is_refused(demo_run):
+    """Stage 2's run config names only the teacher's folder: the demo records the sha256 of the
+    weights it distilled, and refuses to reuse the run once stage 1 holds other weights."""
+    out, _, _ = demo_run
+    from spot_fast.demo import TEACHER_RECORD, teacher_id, train_config, train_model
+    from spot_fast.train.state import step_checkpoints
+    record = json.loads((out / "stage2" / TEACHER_RECORD).read_text())
+    newest = step_checkpoints(out / "stage1")[-1]
+    assert record["sha256"] == teacher_id(out / "stage1") == hashlib.sha256(newest.read_bytes()).hexdigest()
+    saved = newest.read_bytes()
+    try:
+        newest.write_bytes(saved + b"retrained")          # stage 1 now holds other weights
+        with pytest.raises(DemoError, match="other stage-1 weights"):
+            train_model(train_config(tiny_config(out), "stage2", out / "cache"))
+    finally:
+        newest.write_bytes(saved)
 
 
 @pytest.mark.parametrize("field, value, message", [
