@@ -2,7 +2,7 @@
 
     result = run_demo(DemoConfig(out="runs/demo"))      # CLI: spot-fast demo [--out DIR] [--weights FILE]
 
-1. data      the synthetic multi-object dataset at its "easy" level -> OUT/data
+1. data      the synthetic multi-object dataset at its "spaced" level -> OUT/data
 2. cache     its frozen-encoder features, train and val -> OUT/cache (reused: "already cached")
 3. train     SPOT stage 1, SPOT stage 2 (self-training, stage 1 as teacher) and the DINOSAUR
              baseline (MLP decoder), all with `spot_fast.train` from the one cache -> OUT/<model>
@@ -57,7 +57,7 @@ class DemoConfig:
     encoder: str = "dino_vits8"         # with `weights`: which ViT they are (a key of config.ENCODERS)
     num_train: int = 1000               # synthetic training images
     num_val: int = 200                  # synthetic val images (the table's figures)
-    level: str = "easy"                 # scene difficulty (spot_fast.data.synthetic.LEVELS)
+    level: str = "spaced"               # scene difficulty (spot_fast.data.synthetic.LEVELS)
     epochs: int | None = None           # stage 1 and DINOSAUR epochs (None: the demo preset's)
     stage2_epochs: int | None = None    # stage 2 epochs (None: the demo preset's stage-2 value)
     seed: int = 0                       # data, encoder init and training are functions of it

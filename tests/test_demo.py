@@ -198,7 +198,7 @@ def test_demo_encoder_features_carry_position():
     assert enc.position == "sincos"
     plain = FrozenEncoder.create(dataclasses.replace(enc, position="learned"), random_init=True, seed=0)
     ours = demo_encoder(enc, seed=0)
-    assert ours.weights_id == "random-init:0+sincos-position-0.25"   # still marked random-init
+    assert ours.weights_id == "random-init:0+sincos-position-1.0"   # still marked random-init
     assert _position_r2(ours, images) > 0.95
     assert _position_r2(plain, images) < 0.5
 
@@ -210,12 +210,12 @@ def test_the_position_table_is_part_of_the_cache_key():
     from spot_fast.config import EncoderConfig, preset
     sincos = preset("demo").encoder
     learned = dataclasses.replace(sincos, position="learned")
-    assert encoder_description(sincos)["position"] == "sincos:0.25"
+    assert encoder_description(sincos)["position"] == "sincos:1.0"
     assert encoder_description(dataclasses.replace(sincos, position_scale=0.5))["position"] == "sincos:0.5"
     assert "position" not in encoder_description(learned)
     assert "position" not in encoder_description(EncoderConfig())
     pos = demo_encoder(sincos, seed=0).vit.pos_embed[0, 1:]
-    torch.testing.assert_close(pos, 0.25 * sincos_table(sincos.grid_size, sincos.embed_dim))
+    torch.testing.assert_close(pos, 1.0 * sincos_table(sincos.grid_size, sincos.embed_dim))
 
 
 @pytest.mark.parametrize("fields, words", [(dict(position="rope"), "'learned' or 'sincos'"),
