@@ -230,14 +230,13 @@ def _demo() -> SPOTConfig:
     """`spot-fast demo`: 64 px synthetic scenes, a 2-block random-init ViT (8x8 patches of 8 px,
     64 wide) with a sin-cos position table as strong as its patch embeddings (scale 1: masks follow
     places as well as colours; 0.25 gave mBO^i ~10 lower), 7 small slots (3-4 objects + background;
-    7 keeps objects from sharing a slot, and a grid of 7 has to split objects), each with its own
-    learned initial value (the shared Gaussian left ~10 mBO^i behind at this length), small decoders,
+    7 keeps objects from sharing a slot, and a grid of 7 has to split objects), small decoders,
     a short high-lr schedule (50 epochs: 30 left FG-ARI ~8 lower): minutes on a CPU. Stage 2
     (_STAGE2_OPTIM) gets 30 epochs, its steps cost about twice stage 1's."""
     return SPOTConfig(
         encoder=EncoderConfig(name="custom", image_size=64, patch_size=8, embed_dim=64, depth=2,
                               num_heads=2, split_block=1, position="sincos", position_scale=1.0),
-        slot_attention=SlotAttentionConfig(num_slots=7, slot_size=32, mlp_hidden=64, init="embedding"),
+        slot_attention=SlotAttentionConfig(num_slots=7, slot_size=32, mlp_hidden=64),
         decoder=DecoderConfig(num_blocks=2, num_heads=2, mlp_hidden=64),
         optim=OptimConfig(batch_size=32, epochs=50, lr=4e-3, lr_min=4e-5, warmup_steps=32))
 
