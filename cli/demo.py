@@ -20,7 +20,8 @@ def demo(
     encoder: str = typer.Option("dino_vits8", help="With --weights: which ViT they belong to."),
     num_train: int = typer.Option(1000, help="Synthetic training images."),
     num_val: int = typer.Option(200, help="Synthetic val images."),
-    epochs: Optional[int] = typer.Option(None, help="Stage-1 and DINOSAUR epochs (default: the demo preset's)."),
+    epochs: Optional[int] = typer.Option(None, help="Stage-1 and DINOSAUR epochs (default: the demo preset's "
+                                         "50; DINOSAUR 30)."),
     stage2_epochs: Optional[int] = typer.Option(None, help="Stage-2 epochs (default: the demo preset's)."),
     seed: int = typer.Option(0, help="Seed of the data, the encoder and training."),
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)."),

@@ -2,7 +2,7 @@
 
     result = run_demo(DemoConfig(out="runs/demo"))      # CLI: spot-fast demo [--out DIR] [--weights FILE]
 
-1. data      the synthetic multi-object dataset at its "easy" level -> OUT/data
+1. data      the synthetic multi-object dataset at its "spaced" level -> OUT/data
 2. cache     its frozen-encoder features, train and val -> OUT/cache (reused: "already cached")
 3. train     SPOT stage 1, SPOT stage 2 (self-training, stage 1 as teacher) and the DINOSAUR
              baseline (MLP decoder), all with `spot_fast.train` from the one cache -> OUT/<model>
@@ -12,8 +12,9 @@
 5. report    one table on stdout; OUT/report.md (table + pictures), OUT/masks.png, OUT/results.json
 
 The encoder: without `weights`, a small random-init ViT (`demo_encoder`): it knows nothing about
-objects; its features carry each patch's colour and, through a fixed sin-cos position table,
-its place. With `weights`, a real DINO ViT (`encoder`, e.g. dino_vits8) on the same scenes.
+objects; its features carry each patch's colour and, through a fixed sin-cos position table
+(`EncoderConfig.position="sincos"`), its place. With `weights`, a real DINO ViT (`encoder`, e.g.
+dino_vits8) on the same scenes.
 This is not COCO: the scenes are flat-coloured shapes on plain backgrounds, chosen so that
 learning shows in minutes; the figures say that the pipeline learns to group, not how well SPOT
 does on natural images.
@@ -38,11 +39,18 @@ from spot_fast.errors import UserError
 
 MODELS = ("stage1", "stage2", "dinosaur")
 MODEL_TITLES = {"stage1": "SPOT stage 1", "stage2": "SPOT stage 2", "dinosaur": "DINOSAUR (MLP decoder)"}
-# The DINOSAUR baseline: SPOT's stage 1 with the MLP decoder, which only has the raster order.
-DINOSAUR = {"decoder.kind": "mlp", "decoder.train_orders": "standard", "decoder.eval_orders": "standard"}
+# Stage 1 and DINOSAUR start each slot from its own learned value (stage 2's init) instead of the
+# reference's shared Gaussian: at this length the shared Gaussian left stage 1 ~10 mBO^i lower and
+# collapsed DINOSAUR's alpha masks to one slot at every lr, slot size and MLP width tried. (The
+# presets keep the reference's stage-1 init; this is the demo's setting.)
+SLOT_INIT = {"slot_attention.init": "embedding"}
+# The DINOSAUR baseline: SPOT's stage 1 with the MLP decoder, which only has the raster order; 30
+# epochs unless --epochs says otherwise (50, stage 1's, left it ~5 FG-ARI lower: it over-splits).
+DINOSAUR = {"decoder.kind": "mlp", "decoder.train_orders": "standard", "decoder.eval_orders": "standard",
+            "optim.epochs": "30"}
 METRIC_TITLES = {"fg_ari": "FG-ARI", "mbo_i": "mBO^i", "mbo_c": "mBO^c", "miou": "mIoU"}
 DATA_RECORD = "demo_data.json"      # the SyntheticConfig the data folder was written with
-POSITION_SCALE = 0.25               # demo encoder: amplitude of the sin-cos position table
+TEACHER_RECORD = "demo_teacher.json"  # in the stage-2 run: the teacher folder and its checkpoint's sha256
 
 
 class DemoError(UserError):
@@ -56,8 +64,8 @@ class DemoConfig:
     encoder: str = "dino_vits8"         # with `weights`: which ViT they are (a key of config.ENCODERS)
     num_train: int = 1000               # synthetic training images
     num_val: int = 200                  # synthetic val images (the table's figures)
-    level: str = "easy"                 # scene difficulty (spot_fast.data.synthetic.LEVELS)
-    epochs: int | None = None           # stage 1 and DINOSAUR epochs (None: the demo preset's)
+    level: str = "spaced"               # scene difficulty (spot_fast.data.synthetic.LEVELS)
+    epochs: int | None = None           # stage 1 and DINOSAUR epochs (None: the demo preset's; DINOSAUR 30)
     stage2_epochs: int | None = None    # stage 2 epochs (None: the demo preset's stage-2 value)
     seed: int = 0                       # data, encoder init and training are functions of it
     device: str | None = None           # None: cuda if available, else cpu
@@ -117,39 +125,22 @@ def make_data(cfg: DemoConfig, say=print) -> Path:
 
 # ----------------------------------------------------------------------------- 2. cache
 
-def sincos_table(grid: int, dim: int) -> torch.Tensor:
-    """(grid * grid, dim) 2-D sin-cos position table in raster order: the first half of the
-    channels encode the row, the second half the column, at dim // 4 frequencies each."""
-    q = dim // 4
-    omega = 1.0 / 100.0 ** (torch.arange(q, dtype=torch.float64) / q)        # (q,)
-    angle = torch.arange(grid, dtype=torch.float64)[:, None] * omega          # (grid, q)
-    one = torch.cat([angle.sin(), angle.cos()], dim=1)                        # (grid, 2q)
-    rows = one[:, None].expand(grid, grid, 2 * q)
-    cols = one[None, :].expand(grid, grid, 2 * q)
-    table = torch.zeros(grid, grid, dim, dtype=torch.float64)
-    table[..., :4 * q] = torch.cat([rows, cols], dim=-1)
-    return table.reshape(grid * grid, dim).float()
-
-
 def demo_encoder(cfg: EncoderConfig, seed: int):
     """The random-init ViT of the demo. An untrained ViT's learned position table starts near zero
     (std 0.02), so its features would say nothing about where a patch is; a pretrained ViT's do.
-    Here the table is a fixed 2-D sin-cos one, at about the patch embeddings' scale: the features
-    carry colour and position, and nothing about objects. Its weights id says so (and marks the
-    cache random-init, as FrozenEncoder.create(random_init=True) does)."""
+    The demo preset's encoder has a fixed 2-D sin-cos table instead (`EncoderConfig.position`):
+    the features carry colour and position, and nothing about objects. Its weights id says so
+    (and marks the cache random-init, as FrozenEncoder.create(random_init=True) does)."""
     from spot_fast.encoders import FrozenEncoder
     encoder = FrozenEncoder.create(cfg, random_init=True, seed=seed)
-    with torch.no_grad():
-        pos = encoder.vit.pos_embed                                           # (1, prefix + N, D)
-        pos.zero_()
-        pos[0, encoder.num_prefix_tokens:] = POSITION_SCALE * sincos_table(cfg.grid_size, cfg.embed_dim)
-    encoder.weights_id = demo_encoder_id(seed)
+    encoder.weights_id = demo_encoder_id(cfg, seed)
     return encoder
 
 
-def demo_encoder_id(seed: int) -> str:
-    """The weights id of `demo_encoder(_, seed)` in cache keys and manifests."""
-    return f"random-init:{seed}+sincos-position-{POSITION_SCALE}"
+def demo_encoder_id(cfg: EncoderConfig, seed: int) -> str:
+    """The weights id of `demo_encoder(cfg, seed)` in cache keys and manifests."""
+    table = f"+sincos-position-{cfg.position_scale}" if cfg.position == "sincos" else ""
+    return f"random-init:{seed}{table}"
 
 
 def cache_encoder(cfg: DemoConfig) -> EncoderConfig:
@@ -159,7 +150,7 @@ def cache_encoder(cfg: DemoConfig) -> EncoderConfig:
     if cfg.weights is None:
         return enc
     depth = ENCODERS[cfg.encoder].depth
-    return dataclasses.replace(enc, name=cfg.encoder, split_block=depth - 2)
+    return dataclasses.replace(enc, name=cfg.encoder, split_block=depth - 2, position="learned")
 
 
 def make_caches(cfg: DemoConfig, data: Path, say=print) -> Path:
@@ -172,7 +163,7 @@ def make_caches(cfg: DemoConfig, data: Path, say=print) -> Path:
     folder = Path(cfg.out) / "cache"
     encoder = None
     resolved = None if cfg.weights is None else resolve_weights(enc, cfg.weights)
-    weights_id = demo_encoder_id(cfg.seed) if resolved is None else resolved[1]
+    weights_id = demo_encoder_id(enc, cfg.seed) if resolved is None else resolved[1]
     for split in ("train", "val"):
         spec = CacheSpec("synthetic", str(data), split, enc, weights_id, split_block=enc.split_block,
                          mask_size=enc.image_size)
@@ -198,8 +189,8 @@ def train_config(cfg: DemoConfig, name: str, cache: Path):
     batch = int(cfg.extra.get("optim.batch_size", preset("demo").optim.batch_size))
     # one epoch of lr warm-up whatever the dataset size (the trainer counts it in whole epochs)
     warmup = {"optim.warmup_steps": str(math.ceil(cfg.num_train / batch))}
-    overrides = {**warmup, **cfg.extra, **(DINOSAUR if name == "dinosaur" else {})}
     stage2 = name == "stage2"
+    overrides = {**warmup, **({} if stage2 else SLOT_INIT), **cfg.extra, **(DINOSAUR if name == "dinosaur" else {})}
     return TrainConfig(stage=2 if stage2 else 1, cache=str(cache), out=str(out / name), preset="demo",
                        overrides=overrides, teacher=str(out / "stage1") if stage2 else None,
                        epochs=cfg.stage2_epochs if stage2 else cfg.epochs, seed=cfg.seed,
@@ -207,14 +198,24 @@ def train_config(cfg: DemoConfig, name: str, cache: Path):
                        log_every=10)
 
 
+def teacher_id(teacher: Path) -> str:
+    """sha256 of a teacher run's newest step checkpoint (a finished run's final weights, the ones
+    stage 2 distils): the run's config names only the teacher's folder, whose content can change."""
+    from spot_fast.encoders import file_sha256
+    from spot_fast.train.state import checkpoint_file
+    return file_sha256(checkpoint_file(teacher))
+
+
 def train_model(tcfg, say=print) -> Path:
     """Train one model to the end and evaluate it (the trainer's last step). A finished run with
-    the same settings is reused; an interrupted one is resumed."""
+    the same settings (and, for stage 2, the same teacher weights) is reused; an interrupted one
+    is resumed."""
     from spot_fast.train import train
     from spot_fast.train.config import RESUME_FREE, config_diff
     from spot_fast.train.state import step_checkpoints
     run = Path(tcfg.out)
-    config_file = run / "config.json"
+    config_file, record = run / "config.json", run / TEACHER_RECORD
+    teacher = None if tcfg.teacher is None else {"teacher": tcfg.teacher, "sha256": teacher_id(Path(tcfg.teacher))}
     if config_file.is_file() and step_checkpoints(run):
         have = json.loads(config_file.read_text())["train"]
         want = json.loads(json.dumps(tcfg.to_dict()))
@@ -222,10 +223,16 @@ def train_model(tcfg, say=print) -> Path:
         if diff:
             raise DemoError(f"{run} holds a run with other settings ({', '.join(diff)} differ): pass another "
                             f"--out, or delete {run} to train it again")
+        if teacher is not None and (not record.is_file() or json.loads(record.read_text()) != teacher):
+            raise DemoError(f"{run} was distilled from other stage-1 weights than those now in {tcfg.teacher} "
+                            f"(retrained since): delete {run} to train stage 2 again from them")
         if (run / "eval" / "metrics.json").is_file():
             say(f"already trained: {run}")
             return run
         return train(dataclasses.replace(tcfg, resume=True))
+    if teacher is not None:
+        run.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(teacher))
     return train(tcfg)
 
 

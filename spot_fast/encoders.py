@@ -36,8 +36,23 @@ class WeightsError(UserError, ValueError):
     """A weights file that cannot be read or does not fit the configured encoder."""
 
 
+def sincos_table(grid: int, dim: int) -> torch.Tensor:
+    """(grid * grid, dim) 2-D sin-cos position table in raster order: the first half of the
+    channels encode the row, the second half the column, at dim // 4 frequencies each."""
+    q = dim // 4
+    omega = 1.0 / 100.0 ** (torch.arange(q, dtype=torch.float64) / q)        # (q,)
+    angle = torch.arange(grid, dtype=torch.float64)[:, None] * omega          # (grid, q)
+    one = torch.cat([angle.sin(), angle.cos()], dim=1)                        # (grid, 2q)
+    rows = one[:, None].expand(grid, grid, 2 * q)
+    cols = one[None, :].expand(grid, grid, 2 * q)
+    table = torch.zeros(grid, grid, dim, dtype=torch.float64)
+    table[..., :4 * q] = torch.cat([rows, cols], dim=-1)
+    return table.reshape(grid * grid, dim).float()
+
+
 def build_vit(cfg: EncoderConfig) -> nn.Module:
-    """A randomly initialised timm VisionTransformer of the configured architecture."""
+    """A randomly initialised timm VisionTransformer of the configured architecture; a custom one
+    with `position="sincos"` gets the fixed sin-cos position table (weights loaded later replace it)."""
     from timm.models import create_model
     from timm.models.vision_transformer import VisionTransformer
 
@@ -47,6 +62,11 @@ def build_vit(cfg: EncoderConfig) -> nn.Module:
                                   embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
                                   mlp_ratio=spec.mlp_ratio, qkv_bias=True, num_classes=0,
                                   norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        if cfg.position == "sincos":
+            with torch.no_grad():
+                pos = model.pos_embed                                     # (1, prefix + N, D)
+                pos.zero_()
+                pos[0, model.num_prefix_tokens:] = cfg.position_scale * sincos_table(cfg.grid_size, spec.embed_dim)
     else:
         model = create_model(spec.timm_name, pretrained=False, img_size=cfg.image_size, num_classes=0)
     return model.eval()

@@ -1,5 +1,7 @@
 """`spot-fast demo` end to end at a tiny size: files, the table against the runs' own metrics and
 independently scored baselines, reuse on a second run, and the errors a user can cause."""
+import dataclasses
+import hashlib
 import json
 import re
 import subprocess
@@ -10,7 +12,8 @@ import pytest
 import torch
 
 from spot_fast.baselines import grid_labels, one_slot_labels
-from spot_fast.demo import (MODELS, DemoConfig, DemoError, demo_encoder, make_data, run_demo, sincos_table)
+from spot_fast.demo import MODELS, DemoConfig, DemoError, demo_encoder, make_data, run_demo
+from spot_fast.encoders import sincos_table
 from spot_fast.metrics import MetricAccumulator
 
 # A few steps of each model: batch 8 over 32 images (4 steps an epoch).
@@ -112,6 +115,24 @@ def test_a_finished_run_with_other_settings_is_refused(demo_run, tmp_path):
         train_model(tcfg)
 
 
+def test_stage2_trained_from_other_teacher_weights_is_refused(demo_run):
+    """Stage 2's run config names only the teacher's folder: the demo records the sha256 of the
+    weights it distilled, and refuses to reuse the run once stage 1 holds other weights."""
+    out, _, _ = demo_run
+    from spot_fast.demo import TEACHER_RECORD, teacher_id, train_config, train_model
+    from spot_fast.train.state import step_checkpoints
+    record = json.loads((out / "stage2" / TEACHER_RECORD).read_text())
+    newest = step_checkpoints(out / "stage1")[-1]
+    assert record["sha256"] == teacher_id(out / "stage1") == hashlib.sha256(newest.read_bytes()).hexdigest()
+    saved = newest.read_bytes()
+    try:
+        newest.write_bytes(saved + b"retrained")          # stage 1 now holds other weights
+        with pytest.raises(DemoError, match="other stage-1 weights"):
+            train_model(train_config(tiny_config(out), "stage2", out / "cache"))
+    finally:
+        newest.write_bytes(saved)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("num_val", 0, "--num-val"), ("num_train", 3, "--num-train"), ("epochs", 0, "--epochs"),
     ("level", "hard", "--level"), ("encoder", "vit_huge", "--encoder"), ("weights", "/no/such.pth", "--weights")])
@@ -174,8 +195,33 @@ def test_demo_encoder_features_carry_position():
     images = torch.rand(16, 3, enc.grid_size, enc.grid_size, generator=g) * 4 - 2
     images = images.repeat_interleave(enc.patch_size, 2).repeat_interleave(enc.patch_size, 3)
     images = images + 0.05 * torch.randn(images.shape, generator=g)
-    plain = FrozenEncoder.create(enc, random_init=True, seed=0)
+    assert enc.position == "sincos"
+    plain = FrozenEncoder.create(dataclasses.replace(enc, position="learned"), random_init=True, seed=0)
     ours = demo_encoder(enc, seed=0)
-    assert ours.weights_id.startswith("random-init")                 # still marked random-init
+    assert ours.weights_id == "random-init:0+sincos-position-1.0"   # still marked random-init
     assert _position_r2(ours, images) > 0.95
     assert _position_r2(plain, images) < 0.5
+
+
+def test_the_position_table_is_part_of_the_cache_key():
+    """The encoder's position option reaches the cache description (so its key and manifest);
+    the default learned table adds nothing, so caches built before the option keep their keys."""
+    from spot_fast.cache.paths import encoder_description
+    from spot_fast.config import EncoderConfig, preset
+    sincos = preset("demo").encoder
+    learned = dataclasses.replace(sincos, position="learned")
+    assert encoder_description(sincos)["position"] == "sincos:1.0"
+    assert encoder_description(dataclasses.replace(sincos, position_scale=0.5))["position"] == "sincos:0.5"
+    assert "position" not in encoder_description(learned)
+    assert "position" not in encoder_description(EncoderConfig())
+    pos = demo_encoder(sincos, seed=0).vit.pos_embed[0, 1:]
+    torch.testing.assert_close(pos, 1.0 * sincos_table(sincos.grid_size, sincos.embed_dim))
+
+
+@pytest.mark.parametrize("fields, words", [(dict(position="rope"), "'learned' or 'sincos'"),
+                                           (dict(name="dino_vits8", position="sincos"), "custom encoders only"),
+                                           (dict(name="custom", position_scale=0.0), "position_scale must be > 0")])
+def test_bad_encoder_position_is_named(fields, words):
+    from spot_fast.config import EncoderConfig
+    with pytest.raises(ValueError, match=words):
+        EncoderConfig(**fields)

@@ -19,7 +19,8 @@ def test_defaults_are_the_mixed_level():
     assert config.textures == TEXTURES and config.backgrounds == BACKGROUNDS[:3]
     assert (config.min_radius, config.max_radius, config.noise_std) == (0.15, 0.3, 4.0)
     assert SyntheticConfig.at_level("mixed") == config
-    assert set(LEVELS) >= {"mixed", "easy"}
+    assert set(LEVELS) >= {"mixed", "easy", "spaced"}
+    assert (config.square, config.min_gap) == (False, 0.0)      # the knobs below are off by default
 
 
 def test_at_level_takes_overrides():
@@ -31,7 +32,8 @@ def test_at_level_takes_overrides():
 @pytest.mark.parametrize("fields, message", [
     (dict(textures=("flat", "plaid")), "textures"), (dict(textures=()), "textures"),
     (dict(backgrounds=("sky",)), "backgrounds"), (dict(min_radius=0.3, max_radius=0.2), "min_radius"),
-    (dict(max_radius=0.5), "max_radius"), (dict(noise_std=-1.0), "noise_std")])
+    (dict(max_radius=0.5), "max_radius"), (dict(noise_std=-1.0), "noise_std"),
+    (dict(min_gap=-0.1), "min_gap"), (dict(min_gap=2.0), "min_gap")])
 def test_bad_knobs_are_named(fields, message):
     with pytest.raises(ValueError, match=message):
         SyntheticConfig(**fields)
@@ -64,3 +66,34 @@ def test_radius_range_is_kept():
             r = max(math.hypot(x - cx, y - cy) for x, y in obj.polygon)
             # the vertex mean is the centre for regular shapes; rectangles and stars keep r exactly
             assert 0.3 * 64 - 1e-6 <= r <= 0.35 * 64 + 1e-6
+
+
+def _centres(objects):
+    """(cx, cy, r) of each object: its polygon's vertex mean and farthest vertex."""
+    for obj in objects:
+        xs, ys = zip(*obj.polygon)
+        cx, cy = float(np.mean(xs)), float(np.mean(ys))
+        yield cx, cy, max(math.hypot(x - cx, y - cy) for x, y in obj.polygon)
+
+
+def test_min_gap_keeps_objects_apart():
+    """Centres at least min_gap * (r + r') apart where the image has room (every shape's vertex
+    mean is its centre); without the knob, the same draws crowd closer."""
+    def closest(config):
+        gaps = []
+        for _, objects in _scenes(config, n=30):
+            c = list(_centres(objects))
+            gaps += [math.hypot(a[0] - b[0], a[1] - b[1]) / (a[2] + b[2]) for i, a in enumerate(c) for b in c[:i]]
+        return min(gaps)
+    base = dict(min_radius=0.15, max_radius=0.2, min_objects=3, max_objects=3, overlap_prob=0.0)
+    assert closest(SyntheticConfig(**base, min_gap=0.9)) >= 0.9 - 0.03     # room for 3 such objects in 64 px
+    assert closest(SyntheticConfig(**base)) < 0.9 - 0.03
+
+
+def test_square_images(tmp_path):
+    from PIL import Image
+
+    from spot_fast.data.synthetic import write_synthetic
+    write_synthetic(tmp_path / "d", SyntheticConfig.at_level("spaced", num_train=6, num_val=2, image_size=32))
+    sizes = {Image.open(p).size for p in (tmp_path / "d").glob("*2017/*.jpg")}
+    assert sizes == {(32, 32)}

@@ -31,11 +31,16 @@ def cache_base_dir() -> Path:
 
 
 def encoder_description(cfg: EncoderConfig) -> dict:
-    """The encoder fields that shape the cached tokens (named encoders ignore the custom fields)."""
+    """The encoder fields that shape the cached tokens (named encoders ignore the custom fields).
+    A custom encoder's sin-cos position table is recorded as "position": "sincos:<scale>"; the
+    default learned table adds no key, so the keys of caches built before this field stay valid."""
     spec = cfg.spec
-    return {"name": cfg.name, "timm_name": spec.timm_name, "image_size": cfg.image_size,
-            "patch_size": spec.patch_size, "embed_dim": spec.embed_dim, "depth": spec.depth,
-            "num_heads": spec.num_heads, "num_registers": spec.num_registers, "mlp_ratio": spec.mlp_ratio}
+    d = {"name": cfg.name, "timm_name": spec.timm_name, "image_size": cfg.image_size,
+         "patch_size": spec.patch_size, "embed_dim": spec.embed_dim, "depth": spec.depth,
+         "num_heads": spec.num_heads, "num_registers": spec.num_registers, "mlp_ratio": spec.mlp_ratio}
+    if cfg.position != "learned":
+        d["position"] = f"{cfg.position}:{cfg.position_scale}"
+    return d
 
 
 @dataclass
