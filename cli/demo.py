@@ -25,7 +25,7 @@ def demo(
     stage2_epochs: Optional[int] = typer.Option(None, help="Stage-2 epochs (default: the demo preset's)."),
     seed: int = typer.Option(0, help="Seed of the data, the encoder and training."),
     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+    progress: bool = typer.Option(True, metavar="", help="Show progress bars."),
 ):
     """Show SPOT learning on a CPU in minutes: one table of FG-ARI, mBO^i, mBO^c, mIoU against trivial baselines."""
     from spot_fast.demo import DemoConfig, run_demo

@@ -178,7 +178,7 @@ def test_presets_build(name):
     assert s2.slot_attention.init == "embedding" and s2.slot_attention.truncate == "bi-level"
     if name == "tiny":
         SPOT(s2)
-    expected_slots = {"coco": 7, "voc": 6, "movi-c": 11, "movi-e": 24, "tiny": 3, "demo": 4}[name]
+    expected_slots = {"coco": 7, "voc": 6, "movi-c": 11, "movi-e": 24, "tiny": 3, "demo": 7}[name]
     assert cfg.slot_attention.num_slots == expected_slots
 
 
