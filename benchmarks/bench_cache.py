@@ -36,15 +36,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from spot_fast.bench.workloads import make_jpegs
 from spot_fast.benchinfo import save_result, versions
 from spot_fast.cache import CacheSpec, build_cache, device_batches, epoch_batches, open_cache
 from spot_fast.cache.checks import fast_hash
 from spot_fast.cache.zarr_store import chunk_file
 from spot_fast.config import EncoderConfig
+from spot_fast.data.transforms import resize_center_crop, to_input
 from spot_fast.encoders import EncoderTokens
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
 class RandomTokens(torch.nn.Module):
@@ -139,30 +139,9 @@ def time_hash(files: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
-def make_jpegs(count: int, seed: int = 0) -> list[bytes]:
-    """COCO-like JPEGs: 640x480 smooth random scenes, quality 90."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        small = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize((640, 480), Image.BICUBIC)
-        noisy = np.asarray(img, np.int16) + rng.integers(-12, 13, (480, 640, 3))
-        buf = io.BytesIO()
-        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
 def reference_input(data: bytes, size: int = 224) -> torch.Tensor:
     """The reference's val/train input: decode, resize shorter side (bilinear), centre crop, normalise."""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = img.size
-    s = size / min(w, h)
-    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-    return (x - IMAGENET_MEAN) / IMAGENET_STD                       # (3, 224, 224)
+    return to_input(resize_center_crop(Image.open(io.BytesIO(data)).convert("RGB"), size))    # (3, 224, 224)
 
 
 def time_jpeg(jpegs: list[bytes]) -> float:

@@ -11,23 +11,12 @@ import json
 import sys
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from spot_fast.data.base import BadImage, ValSample
 
 IMAGE_SIZE, MASK_SIZE = 32, 16   # the tiny preset's encoder resolution; small masks
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Single-threaded torch for a test module: in-process builds compute the same bits as the
-    single-threaded subprocess builds they are compared with."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def fake_image(seed: int, index: int, size: int = IMAGE_SIZE) -> torch.Tensor:

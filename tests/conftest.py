@@ -27,3 +27,15 @@ def golden():
     if not GOLDEN_PATH.is_file():
         pytest.fail(f"golden file missing: {GOLDEN_PATH} (the shared/ folder must sit beside the repo)")
     return torch.load(GOLDEN_PATH, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for the rest of a test module, as the subprocesses run it
+    (OMP_NUM_THREADS=1): in-process results have the same bits as the subprocess builds and runs
+    they are compared with, and a shared 2-core box is not oversubscribed. Module-scoped, so that
+    module-scoped fixtures (caches built once per module) run single-threaded too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

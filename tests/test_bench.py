@@ -17,7 +17,7 @@ from spot_fast.config import preset
 from spot_fast.encoders import FrozenEncoder
 from spot_fast.model import SPOT
 
-from train_case import one_thread, tiny_caches  # noqa: F401  (a fixture)
+from train_case import tiny_caches
 
 
 def counted(fn) -> int:

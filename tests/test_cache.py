@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cache_fakes import FakeSource, build_tiny, fake_image, one_thread, tiny_encoder, tiny_spec  # noqa: E402, F401 (one_thread: a fixture)
+from cache_fakes import FakeSource, build_tiny, fake_image, tiny_encoder, tiny_spec  # noqa: E402
 
 from spot_fast.cache import CacheError, build_cache, open_cache, read_manifest  # noqa: E402
 from spot_fast.cache import TrainReader  # noqa: E402

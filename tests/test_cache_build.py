@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cache_fakes import build_tiny, one_thread  # noqa: E402, F401 (one_thread: a fixture)
+from cache_fakes import build_tiny  # noqa: E402
 from test_cache_process import SCRIPT, _free_port, assert_same_tree, run_build  # noqa: E402
 
 from spot_fast.cache import CacheError, open_cache, verify  # noqa: E402

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cache_fakes import build_tiny, one_thread  # noqa: E402, F401 (one_thread: a fixture)
+from cache_fakes import build_tiny  # noqa: E402
 
 from spot_fast.cache import CacheError, open_cache, verify  # noqa: E402
 from spot_fast.cache.writer import FAIL_AFTER_ENV  # noqa: E402

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from spot_fast.cache import open_cache
 from spot_fast.metrics import MetricAccumulator, masks_to_labels
 from spot_fast.train import load_run
-from train_case import IMAGE_SIZE, MASK_SIZE, NUM_VAL, one_thread, tiny_caches, tiny_stage1_run  # noqa: F401 (fixture)
+from train_case import IMAGE_SIZE, MASK_SIZE, NUM_VAL, tiny_caches, tiny_stage1_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

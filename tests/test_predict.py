@@ -14,7 +14,7 @@ from spot_fast.data.sources import open_source
 from spot_fast.encoders import FrozenEncoder
 from spot_fast.predict import Predictor
 from spot_fast.train import load_run
-from train_case import IMAGE_SIZE, one_thread, tiny_caches, tiny_stage1_run  # noqa: F401 (fixture)
+from train_case import IMAGE_SIZE, tiny_caches, tiny_stage1_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

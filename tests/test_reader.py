@@ -15,7 +15,7 @@ import torch
 import zarr
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cache_fakes import build_tiny, one_thread  # noqa: E402, F401 (one_thread: a fixture)
+from cache_fakes import build_tiny  # noqa: E402
 
 from spot_fast.cache import CacheError, device_batches, epoch_batches, open_cache, verify  # noqa: E402
 from spot_fast.cache import wds_store  # noqa: E402

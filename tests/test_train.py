@@ -12,7 +12,7 @@ from spot_fast.cache import open_cache
 from spot_fast.checkpoint import export_reference
 from spot_fast.train import Trainer, TrainError, load_run, train
 from spot_fast.train.state import step_checkpoints
-from train_case import one_thread, tiny_caches, tiny_config, tiny_stage1_run, train_losses  # noqa: F401 (fixture)
+from train_case import tiny_caches, tiny_config, tiny_stage1_run, train_losses
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

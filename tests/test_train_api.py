@@ -10,7 +10,7 @@ import torch
 from spot_fast.cache import device_batches
 from spot_fast.train import Trainer, train
 from spot_fast.train.state import BEST, CHECKPOINTS, step_checkpoints
-from train_case import one_thread, tiny_config  # noqa: F401 (fixture)
+from train_case import tiny_config
 
 EPOCHS, EVERY = 2, 3        # 5 steps per epoch; step checkpoints at 3, 6, 9 fall inside epochs
 

@@ -13,7 +13,7 @@ import torch
 
 from spot_fast.train import train
 from spot_fast.train.state import step_checkpoints
-from train_case import one_thread, run_env, tiny_caches, tiny_config, tiny_stage1_run  # noqa: F401 (fixture)
+from train_case import run_env, tiny_caches, tiny_config, tiny_stage1_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

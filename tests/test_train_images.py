@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from spot_fast.train import TrainError, Trainer, train
-from train_case import one_thread, tiny_caches, tiny_config, tiny_stage1_run, train_losses  # noqa: F401 (fixture)
+from train_case import tiny_caches, tiny_config, tiny_stage1_run, train_losses
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

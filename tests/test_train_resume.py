@@ -10,7 +10,7 @@ import torch
 
 from spot_fast.train import train
 from spot_fast.train.state import step_checkpoints, step_path
-from train_case import one_thread, sigkill_when_written, tiny_caches, tiny_config  # noqa: F401 (fixture)
+from train_case import sigkill_when_written, tiny_caches, tiny_config
 
 EPOCHS, STEPS_PER_EPOCH, EVERY = 8, 5, 7     # checkpoints at steps 7, 14, ... fall inside epochs
 

@@ -16,8 +16,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-import torch
 
 IMAGE_SIZE, MASK_SIZE = 32, 16
 NUM_TRAIN, NUM_VAL = 22, 6      # 22 = 5 batches of 4 + 2: batches that do not divide the data
@@ -63,16 +61,6 @@ def tiny_caches() -> TinyCaches:
             _build(root, source, split, out, block, "wds" if block is None else "zarr")
         _BUILT["caches"] = TinyCaches(root, base / "cache", base / "nosplit")
     return _BUILT["caches"]
-
-
-@pytest.fixture
-def one_thread():
-    """Tests run torch on one thread, as the subprocesses do (OMP_NUM_THREADS=1): the same GEMM
-    summation order everywhere, and no thread oversubscription on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(out, **kw):
