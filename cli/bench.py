@@ -16,7 +16,8 @@ def bench(
     warmup: int = typer.Option(1, help="Untimed calls per path before timing."),
     repeats: Optional[int] = typer.Option(None, help="Timed calls per path (default: 10 on GPU, 3 on CPU)."),
     compile: str = typer.Option("auto", help="torch.compile the fast path: auto (GPU only) | on | off."),
-    precision: str = typer.Option("auto", help="Fast path: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."),
+    precision: str = typer.Option("auto", help="Fast path: auto | bf16 | fp32 | both (a row each). auto: bf16 on "
+                                  "GPU; on a CPU fp32, and bf16 beside it if the CPU has native bf16 (AVX512-BF16, AMX)."),
     out: Optional[Path] = typer.Option(None, help="JSON folder (default: $OUT or benchmarks/results)."),
     save: bool = typer.Option(True, metavar="", help="Write the JSON result."),
     sweep: int = typer.Option(0, "--sweep", metavar="M", help="Instead: M variants trained in one sweep against "

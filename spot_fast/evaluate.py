@@ -30,7 +30,8 @@ BACKGROUND = np.array([0, 0, 0], dtype=np.uint8)
 MASK_KINDS = ("decoder", "slot_attention")
 
 
-def run_model(model: SPOT, batch: dict, orders, generator: torch.Generator | None = None) -> SPOTOutput:
+def run_model(model: SPOT, batch: dict, orders, generator: torch.Generator | None = None,
+              masks_only: bool = False) -> SPOTOutput:
     """The model on a device batch of either stage: stage 2 reads the split tokens and
     reconstructs the final ones. Shared-Gaussian slot noise comes from `generator`."""
     features = batch["features"]
@@ -40,8 +41,8 @@ def run_model(model: SPOT, batch: dict, orders, generator: torch.Generator | Non
         noise = torch.randn(features.shape[0], sa.num_slots, sa.slot_size, generator=generator,
                             device=features.device, dtype=features.dtype)        # (B, K, S)
     if model.cfg.stage == 2:
-        return model(batch["split_tokens"], target=features, orders=orders, noise=noise)
-    return model(features, orders=orders, noise=noise)
+        return model(batch["split_tokens"], target=features, orders=orders, noise=noise, masks_only=masks_only)
+    return model(features, orders=orders, noise=noise, masks_only=masks_only)
 
 
 def _device_batch(batch: dict, device) -> dict:
@@ -81,7 +82,7 @@ def evaluate(model: SPOT, cache, *, orders="all", batch_size: int = 64, out: str
     label_dtype = torch.uint8 if model.cfg.slot_attention.num_slots <= 256 else torch.int16
     for batch in cache.eval_reader(batch_size, split_tokens=model.cfg.stage == 2):
         batch = _device_batch(batch, device)
-        o = run_model(model, batch, orders, g)
+        o = run_model(model, batch, orders, g, masks_only=True)       # metrics need no reconstruction
         maps = {"decoder": masks_to_labels(o.dec_masks.float(), size),
                 "slot_attention": masks_to_labels(o.sa_masks.float(), size)}       # (B, M, M)
         for k in MASK_KINDS:

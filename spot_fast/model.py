@@ -35,8 +35,8 @@ def block_name(tail_name: str, split_block: int) -> str:
 
 @dataclass
 class SPOTOutput:
-    loss: torch.Tensor       # () reconstruction MSE, sum((target - recon)^2) / (B * N * D)
-    recon: torch.Tensor      # (B, N, D) raster order, mean over the decoded orders
+    loss: torch.Tensor | None   # () reconstruction MSE, sum((target - recon)^2) / (B * N * D)
+    recon: torch.Tensor | None  # (B, N, D) raster order, mean over the decoded orders (None: masks_only)
     dec_masks: torch.Tensor  # (B, K, h, w) decoder cross-attention masks (last block)
     sa_masks: torch.Tensor   # (B, K, h, w) slot-attention masks (last iteration)
     sa_logits: torch.Tensor  # (B, N, K) last-iteration logits ((B, H, N, K) with H > 1 heads)
@@ -137,10 +137,13 @@ class SPOT(nn.Module):
         return f"{given[1]} tokens is not the {g}x{g} grid of {cfg.encoder.image_size}px images"
 
     def forward(self, inputs: torch.Tensor, target: torch.Tensor | None = None, orders=None,
-                noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> SPOTOutput:
+                noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                masks_only: bool = False) -> SPOTOutput:
         """inputs: features (B, N, D) in stage 1, split-layer tokens (B, P+N, D) in stage 2.
         target: the decoder's target features (B, N, D); defaults to the (detached) features,
-        which is stage 1. orders / noise: see `order_ids` and `SlotAttention.initial_slots`."""
+        which is stage 1. orders / noise: see `order_ids` and `SlotAttention.initial_slots`.
+        masks_only: what evaluation needs, the same masks without the reconstruction (loss and
+        recon None); the decoder stops at its last cross-attention."""
         self._check_inputs(inputs, target, orders, noise)
         features = self.encode(inputs)
         if target is None:
@@ -149,8 +152,10 @@ class SPOT(nn.Module):
         K, h = self.cfg.slot_attention.num_slots, self.cfg.grid_size
         sa = self.slot_attention(features, noise=noise)
         ids = self.order_ids(B, orders, generator)
-        recon, dec_masks = self.decoder(sa.slots, target, ids)
-        loss = ((target - recon) ** 2).sum() / (B * N * D)
+        recon, dec_masks = self.decoder(sa.slots, target, ids, recon=not masks_only)
+        if masks_only:
+            recon = None
+        loss = None if recon is None else ((target - recon) ** 2).sum() / (B * N * D)
         logits = sa.logits.squeeze(1) if sa.logits.shape[1] == 1 else sa.logits
         return SPOTOutput(loss=loss, recon=recon,
                           dec_masks=dec_masks.transpose(-1, -2).reshape(B, K, h, h),

@@ -112,7 +112,8 @@ class Predictor:
         x = to_inputs(images, cfg.encoder.image_size).to(self.device)
         tokens = self.encoder(x, split_block=cfg.encoder.split_block if cfg.stage == 2 else None)
         g = torch.Generator(self.device).manual_seed(self.seed)
-        out = run_model(self.model, {"features": tokens.final, "split_tokens": tokens.split}, self.orders, g)
+        out = run_model(self.model, {"features": tokens.final, "split_tokens": tokens.split}, self.orders, g,
+                        masks_only=True)
         return Prediction(slots=out.slots, slot_masks=out.sa_masks, decoder_masks=out.dec_masks)
 
 

@@ -45,6 +45,16 @@ def test_flop_formula_matches_torch_counter_stage1(orders):
         assert counted(lambda: model(x, orders=ids)) == flops.spot_forward(cfg, B, orders)
 
 
+def test_flop_formula_of_masks_only_decoding_matches_torch_counter():
+    """What masks-only decoding saves, by the formula and by torch's counter on the fast path."""
+    cfg, B = wide_tiny(), 3
+    model = SPOT(cfg).eval()
+    x = torch.randn(B, cfg.encoder.num_patches, cfg.feature_dim)
+    with torch.no_grad():
+        saved = counted(lambda: model(x, orders="all")) - counted(lambda: model(x, orders="all", masks_only=True))
+    assert saved == flops.spot_forward(cfg, B, 9) - flops.spot_forward(cfg, B, 9, masks_only=True) > 0
+
+
 def test_flop_formula_matches_torch_counter_stage2_and_encoder():
     cfg, B = wide_tiny(stage=2), 2
     model = SPOT(cfg).eval()
@@ -73,7 +83,7 @@ def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cache = tiny_caches().both / "train"
     cfg = BenchConfig(preset="tiny", batch=4, device="cpu", cache=str(cache), warmup=0, repeats=1,
-                      jpegs=3, data_batches=3, out=str(out))
+                      jpegs=3, data_batches=3, out=str(out), precision="fp32")
     return run_bench(cfg, log=lambda msg: None)
 
 
@@ -91,8 +101,22 @@ def test_bench_json_has_every_section_and_the_record(result):
 
 
 def test_bench_eval_masks_agree(result):
-    check = result["sections"]["eval"]["mask_check"]
+    check = result["sections"]["eval"]["mask_check"]["batched"]
     assert check["max_abs_mask_diff"] < 1e-5 and check["argmax_agreement"] > 0.99
+
+
+def test_bench_fp32_and_bf16_rows_side_by_side(tmp_path):
+    """--precision both: a bf16 row beside every fp32 fast row, its masks checked against the
+    serial fp32 decoding (bf16 rounding: close, not equal)."""
+    cfg = BenchConfig(preset="tiny", batch=3, device="cpu", sections=("stage1", "eval"), warmup=0, repeats=1,
+                      jpegs=2, precision="both", save=False)
+    res = run_bench(cfg, log=lambda msg: None)
+    assert set(res["sections"]["stage1"]["paths"]) == {"reference", "spot-fast", "spot-fast bf16"}
+    assert set(res["sections"]["eval"]["paths"]) == {"reference", "serial", "batched", "batched bf16"}
+    checks = res["sections"]["eval"]["mask_check"]
+    assert checks["batched"]["max_abs_mask_diff"] < 1e-5
+    assert 0 < checks["batched bf16"]["max_abs_mask_diff"] < 0.05
+    assert "batched bf16 vs serial" in format_table(res)
 
 
 def test_bench_data_rows_from_a_real_cache(result):
@@ -122,6 +146,13 @@ def test_bad_options_give_one_message(args, message, tmp_path):
     assert res.exit_code == 2
     assert message in res.output and "Traceback" not in res.output
     assert not list(tmp_path.iterdir())        # nothing written
+
+
+@pytest.mark.parametrize("native, expected", [(True, ("fp32", "bf16")), (False, ("fp32",))])
+def test_auto_precision_on_a_cpu_adds_bf16_only_where_native(monkeypatch, native, expected):
+    import spot_fast.bench.runner as runner
+    monkeypatch.setattr(runner, "cpu_bf16_native", lambda: native)
+    assert BenchConfig(device="cpu").resolved().precisions == expected
 
 
 def test_bench_config_rejects_bad_values():

@@ -144,3 +144,50 @@ def test_first_block_projections_run_once_per_token():
         flops[fast] = counter.get_total_flops()
     per_token = 2 * (D * D + D * 3 * D)                 # input projection + first-block q, k, v
     assert flops[False] - flops[True] >= (R - 1) * B * N * per_token - P * per_token
+
+
+@pytest.mark.parametrize("budget", [N, 4 * N, None])
+def test_masks_only_equal_the_serial_masks_fp64(budget):
+    """Evaluation's masks-only decoding (stops at the last cross-attention) gives the masks of
+    the plain reference's full decoding, and no reconstruction."""
+    dec = make_decoder(cross_heads=2, sharpen=6.0).double().eval()
+    slots, target, ids = inputs(5, 9, torch.float64, seed=7)
+    with torch.no_grad():
+        _, ref_masks = run(dec, False, slots, target, ids)
+        dec.fast, dec.token_budget = True, budget
+        recon, masks = dec(slots, target, ids, recon=False)
+    assert recon is None
+    assert rel_err(masks, ref_masks) < 1e-12
+
+
+def test_masks_only_skips_the_last_block_output_and_ffn():
+    """Counted by torch's FlopCounterMode: masks-only decoding saves at least the last block's
+    cross-attention output projection and FFN (2 x (D^2 + 8 D^2) FLOPs per decoded token)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    dec = make_decoder()
+    B, R = 3, 9
+    slots, target, ids = inputs(B, R, torch.float32)
+    flops = {}
+    for recon in (True, False):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            dec(slots, target, ids, recon=recon)
+        flops[recon] = counter.get_total_flops()
+    assert flops[True] - flops[False] >= B * R * N * 2 * 9 * D * D
+
+
+def test_spot_masks_only_matches_full_forward():
+    """SPOT.forward(masks_only=True), as evaluation and the stage-2 teacher call it: the same
+    decoder and slot-attention masks as the full forward of the same slots; loss and recon None."""
+    from spot_fast.config import preset
+    from spot_fast.model import SPOT
+    torch.manual_seed(0)
+    model = SPOT(preset("tiny")).double().eval()
+    feats = torch.randn(3, model.cfg.grid_size ** 2, model.cfg.feature_dim, dtype=torch.float64)
+    noise = torch.randn(3, model.cfg.slot_attention.num_slots, model.cfg.slot_attention.slot_size,
+                        dtype=torch.float64)
+    with torch.no_grad():
+        full = model(feats, orders="all", noise=noise)
+        only = model(feats, orders="all", noise=noise, masks_only=True)
+    assert only.loss is None and only.recon is None
+    assert rel_err(only.dec_masks, full.dec_masks) < 1e-12
+    assert torch.equal(only.sa_masks, full.sa_masks)

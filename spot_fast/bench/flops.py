@@ -51,9 +51,11 @@ def slot_attention(cfg: SPOTConfig, batch: int) -> int:
     return inputs + sa.num_iterations * per_iter
 
 
-def ar_decoder(cfg: SPOTConfig, batch: int, orders: int) -> int:
+def ar_decoder(cfg: SPOTConfig, batch: int, orders: int, masks_only: bool = False) -> int:
     """The transformer decoder decoding `orders` orders per sample (the plain path's count;
-    the fast path does less: input and slot K/V projections once per sample, not per order)."""
+    the fast path does less: input and slot K/V projections once per sample, not per order).
+    `masks_only`: without what follows the last block's cross-attention probabilities (their
+    product with V, the output projection, the FFN)."""
     dec, D, N = cfg.decoder, cfg.feature_dim, cfg.encoder.num_patches
     K, S = cfg.slot_attention.num_slots, cfg.slot_attention.slot_size
     BN = batch * N
@@ -61,25 +63,30 @@ def ar_decoder(cfg: SPOTConfig, batch: int, orders: int) -> int:
                  + linear(BN, D, 2 * D) + linear(batch * K, D, 2 * D)        # cross q, o; k, v
                  + attention(batch, N, K, D) + linear(BN, D, 4 * D) + linear(BN, 4 * D, D))
     per_order = linear(BN, D, D) + linear(batch * K, S, D) + dec.num_blocks * per_block
+    if masks_only:
+        per_order -= attention(batch, N, K, D) // 2 + linear(BN, D, D) + linear(BN, D, 4 * D) + linear(BN, 4 * D, D)
     return orders * per_order
 
 
-def spot_forward(cfg: SPOTConfig, batch: int, orders: int = 1) -> int:
+def spot_forward(cfg: SPOTConfig, batch: int, orders: int = 1, masks_only: bool = False) -> int:
     """SPOT's forward: the stage-2 tail (if any), slot attention, the decoder."""
     tail = 0
     if cfg.stage == 2:
         tail = vit_blocks(cfg, batch, cfg.encoder.spec.depth - cfg.encoder.split_block)
-    return tail + slot_attention(cfg, batch) + ar_decoder(cfg, batch, orders)
+    return tail + slot_attention(cfg, batch) + ar_decoder(cfg, batch, orders, masks_only)
 
 
 def bench_steps(cfg: SPOTConfig, batch: int) -> dict[str, dict[str, int]]:
     """FLOPs of one step of every path `spot-fast bench` times (useful work: the batched eval is
-    credited with the serial count, the work it computes once instead of per order aside)."""
+    credited with the serial count of what it outputs, the masks, the work it computes once
+    instead of per order aside; the stage-2 teacher likewise decodes masks only)."""
     enc = encoder(cfg, batch)
     stage1 = TRAIN_FACTOR * spot_forward(cfg, batch)
-    stage2 = TRAIN_FACTOR * spot_forward(replace(cfg, stage=2), batch) + spot_forward(cfg, batch)
+    stage2 = TRAIN_FACTOR * spot_forward(replace(cfg, stage=2), batch)
+    teacher, teacher_masks = spot_forward(cfg, batch), spot_forward(cfg, batch, masks_only=True)
     student_frozen = vit_blocks(cfg, batch, cfg.encoder.split_block, patch_embed=True)
     evaluation = spot_forward(cfg, batch, orders=9)
     return {"stage1": {"reference": stage1 + enc, "spot-fast": stage1},
-            "stage2": {"reference": stage2 + 2 * enc + student_frozen, "spot-fast": stage2},
-            "eval": {"reference": evaluation + enc, "serial": evaluation, "batched": evaluation}}
+            "stage2": {"reference": stage2 + teacher + 2 * enc + student_frozen, "spot-fast": stage2 + teacher_masks},
+            "eval": {"reference": evaluation + enc, "serial": evaluation,
+                     "batched": spot_forward(cfg, batch, orders=9, masks_only=True)}}

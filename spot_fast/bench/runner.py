@@ -39,7 +39,8 @@ class BenchConfig:
     warmup: int = 1                 # untimed calls per path before timing
     repeats: int | None = None      # timed calls per path (None: 10 on GPU, 3 on CPU)
     compile: str = "auto"           # torch.compile the fast path: "auto" (GPU only) | "on" | "off"
-    precision: str = "auto"         # fast path: "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
+    precision: str = "auto"         # fast path: "auto" | "bf16" | "fp32" | "both" (fp32 and bf16 rows);
+                                    # auto: bf16 on GPU; on a CPU fp32, plus bf16 where it multiplies bf16 natively
     jpegs: int = 32                 # distinct JPEGs the reference path cycles through
     data_batches: int = 8           # batches read for the data rates and the data-wait share
     out: str | None = None          # JSON folder (None: $OUT or benchmarks/results)
@@ -49,7 +50,7 @@ class BenchConfig:
         """Raise BenchError naming the first bad field and what it accepts."""
         from spot_fast.config import PRESETS
         choices = {"preset": tuple(PRESETS), "device": ("auto", "cpu", "cuda"),
-                   "compile": ("auto", "on", "off"), "precision": ("auto", "bf16", "fp32")}
+                   "compile": ("auto", "on", "off"), "precision": ("auto", "bf16", "fp32", "both")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise BenchError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -72,27 +73,61 @@ class BenchConfig:
         return BenchConfig(**{**asdict(self), "device": dev, "batch": self.batch or (64 if gpu else 8),
                               "repeats": self.repeats or (10 if gpu else 3),
                               "compile": ("on" if gpu else "off") if self.compile == "auto" else self.compile,
-                              "precision": ("bf16" if gpu else "fp32") if self.precision == "auto" else self.precision})
+                              "precision": self.precision if self.precision != "auto" else
+                              "bf16" if gpu else "both" if cpu_bf16_native() else "fp32"})
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """The fast path's precisions, one row each (after `resolved`)."""
+        return ("fp32", "bf16") if self.precision == "both" else (self.precision,)
 
 
-def peak_flops(device: torch.device) -> tuple[float | None, str]:
-    """(peak FLOP/s, how it was found) of the device the fast path runs on."""
+def cpu_flags() -> dict[str, str]:
+    """The first processor's /proc/cpuinfo fields ({} where there is none)."""
+    info: dict[str, str] = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return info
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where bf16 autocast
+    pays; elsewhere oneDNN emulates it and it is slower than fp32."""
+    flags = set(cpu_flags().get("flags", "").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def peak_flops(device: torch.device, precision: str = "fp32") -> tuple[float | None, str]:
+    """(peak FLOP/s, how it was found) of the device the fast path runs on, in `precision`.
+    CPUs: cores x the reported clock x FLOP per cycle per core: fp32 FMA 32 with AVX2 (two 256-bit
+    FMA pipes) or AVX-512 on AMD Zen 4 (family 25: 512-bit FMAs run as two halves), 64 with
+    AVX-512 elsewhere; bf16 (AVX512-BF16 dot products) twice the fp32 figure. A turbo clock above
+    the reported one can put MFU over 100%."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
         return peak, f"{name} dense bf16 datasheet peak" if peak else f"{name}: peak unknown"
-    flags, mhz = "", 0.0
+    info = cpu_flags()
+    flags = set(info.get("flags", "").split())
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags") and not flags:
-                flags = line
-            if line.startswith("cpu MHz"):
-                mhz = max(mhz, float(line.split(":")[1]))
-    except OSError:
-        return None, "no /proc/cpuinfo"
-    per_cycle = 64 if " avx512f" in flags else 32 if " fma" in flags and " avx2" in flags else 8
+        mhz = float(info["cpu MHz"])
+    except (KeyError, ValueError):
+        return None, "no clock in /proc/cpuinfo"
+    zen4 = info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25"
+    per_cycle = (32 if zen4 else 64) if "avx512f" in flags else 32 if {"fma", "avx2"} <= flags else 8
+    if precision == "bf16":
+        if "amx_bf16" in flags or "avx512_bf16" not in flags:
+            return None, "bf16 peak unknown (AMX, or no native bf16)"
+        per_cycle *= 2
     cores = len(os.sched_getaffinity(0))
-    return cores * mhz * 1e6 * per_cycle, f"{cores} cores x {mhz:.0f} MHz x {per_cycle} fp32 FLOP/cycle (FMA)"
+    return (cores * mhz * 1e6 * per_cycle,
+            f"{cores} cores x {mhz:.0f} MHz x {per_cycle} {precision} FLOP/cycle")
 
 
 def git_commit() -> str | None:
@@ -103,12 +138,14 @@ def git_commit() -> str | None:
         return None
 
 
-def _rows(timings: dict[str, Timing], batch: int, step_flops: dict[str, int], peak: float | None,
+def _rows(timings: dict[str, Timing], batch: int, step_flops: dict[str, int], peaks: dict[str, float | None],
           baseline: str) -> dict:
+    """One row per path; a path named `<base> bf16` is counted as `<base>` at the bf16 peak."""
     base = timings[baseline].median
     out = {}
     for name, t in timings.items():
-        f = step_flops.get(name)
+        kind, _, precision = name.partition(" ")
+        f, peak = step_flops.get(kind), peaks.get(precision or "fp32")
         out[name] = {**t.to_dict(), "ms_per_step": 1e3 * t.median, "img_s": batch / t.median,
                      "speedup_vs_" + baseline: base / t.median, "flops_per_step": f,
                      "mfu": f / t.median / peak if f and peak else None}
@@ -183,8 +220,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     cfg = cfg.resolved()
     device = torch.device(cfg.device)
     model_cfg = preset(cfg.preset)
-    options = Options(device, bf16=cfg.precision == "bf16", compile=cfg.compile == "on")
-    peak, peak_note = peak_flops(device)
+    options = Options(device, precisions=cfg.precisions, compile=cfg.compile == "on")
+    peaks = {p: peak_flops(device, p) for p in ("fp32", "bf16")}
     B = cfg.batch
     jpegs = make_jpegs(cfg.jpegs)
     encoder = FrozenEncoder.create(model_cfg.encoder, random_init=True).to(device)
@@ -194,7 +231,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         cache = open_cache(cfg.cache, allow_random_init=True)
         make_reader = lambda: cache.train_reader(B, seed=0, epoch=0, dtype=None)  # noqa: E731
     data = FeatureBatches(make_reader, synthetic_batch(model_cfg, B, device), options)
-    result = {"config": asdict(cfg), "git_commit": git_commit(), "peak_flops": peak, "peak_note": peak_note,
+    result = {"config": asdict(cfg), "git_commit": git_commit(),
+              "peak_flops": {p: v[0] for p, v in peaks.items()}, "peak_note": {p: v[1] for p, v in peaks.items()},
               "flop_count": flops.__doc__.strip(), "sections": {}}
     step_flops = flops.bench_steps(model_cfg, B)
     builders = {"stage1": stage1_paths, "stage2": stage2_paths, "eval": eval_paths}
@@ -210,7 +248,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             paths, check_fn = paths
             check = check_fn()
         timings = measure(paths, device, cfg.warmup, cfg.repeats)
-        result["sections"][name] = {"paths": _rows(timings, B, step_flops[name], peak, "reference")}
+        result["sections"][name] = {"paths": _rows(timings, B, step_flops[name],
+                                                   {p: v[0] for p, v in peaks.items()}, "reference")}
         if check:
             result["sections"][name]["mask_check"] = check
     if cfg.save:
@@ -227,9 +266,9 @@ def format_table(result: dict) -> str:
     lines = [f"spot-fast bench: preset {cfg['preset']}, batch {cfg['batch']}, device {cfg['device']}, "
              f"fast path {cfg['precision']}{' + compile' if cfg['compile'] == 'on' else ''}, "
              f"{cfg['repeats']} repeats (median, [min, max])",
-             f"{'section':<8} {'path':<10} {'ms/step':>10} {'spread ms':>17} {'img/s':>8} {'peak GiB':>8} "
+             f"{'section':<8} {'path':<14} {'ms/step':>10} {'spread ms':>17} {'img/s':>8} {'peak GiB':>8} "
              f"{'MFU':>6} {'speed-up':>9}",
-             "-" * 84]
+             "-" * 88]
     for sec, body in result["sections"].items():
         if sec == "data":
             continue
@@ -237,14 +276,15 @@ def format_table(result: dict) -> str:
             ratio = next(v for k, v in r.items() if k.startswith("speedup_vs_"))
             mem = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
             mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-            lines.append(f"{sec:<8} {path:<10} {r['ms_per_step']:>10.0f} "
+            lines.append(f"{sec:<8} {path:<14} {r['ms_per_step']:>10.0f} "
                          f"{'[%.0f, %.0f]' % (1e3 * r['min_s'], 1e3 * r['max_s']):>17} {r['img_s']:>8.2f} "
                          f"{mem:>8} {mfu:>6} {ratio:>8.2f}x")
         if sec == "eval":
             p = body["paths"]
-            lines.append(f"{'':<8} batched vs serial {p['serial']['median_s'] / p['batched']['median_s']:.2f}x; "
-                         f"masks: max |serial - batched| {body['mask_check']['max_abs_mask_diff']:.2e}, "
-                         f"argmax agreement {100 * body['mask_check']['argmax_agreement']:.2f}%")
+            for name, check in body["mask_check"].items():
+                lines.append(f"{'':<8} {name} vs serial {p['serial']['median_s'] / p[name]['median_s']:.2f}x; "
+                             f"masks vs serial fp32: max |diff| {check['max_abs_mask_diff']:.2e}, "
+                             f"argmax agreement {100 * check['argmax_agreement']:.2f}%")
     if "data" in result["sections"]:
         lines.append("data     " + "; ".join(
             f"{k}: {v['img_s']:.0f} img/s {v['gb_s']:.3f} GB/s" if isinstance(v, dict) and "img_s" in v
@@ -252,7 +292,10 @@ def format_table(result: dict) -> str:
             for k, v in result["sections"]["data"].items()))
     if cfg["device"] == "cpu":
         lines.append("GPU rows: not measured (no CUDA device here); run `spot-fast bench` on a GPU.")
-    lines.append(f"MFU peak: {result['peak_note']}. Speed-up: reference median / path median.")
+    notes = result["peak_note"]
+    used = {"bf16"} if cfg["precision"] == "bf16" else {"fp32", "bf16"} if cfg["precision"] == "both" else {"fp32"}
+    lines.append("MFU peak: " + "; ".join(notes[p] for p in ("fp32", "bf16") if p in used and p in notes)
+                 + " (the reference rows at the fp32 peak). Speed-up: reference median / path median.")
     return "\n".join(lines)
 
 

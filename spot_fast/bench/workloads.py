@@ -2,8 +2,12 @@
 
 Reference path (what the SPOT reference code computes every step): JPEG decode + the reference's
 transforms, the frozen encoder's forward, the model in fp32 eager with the plain one-order-at-a-time
-decoder and no kernel, Adam. Spot-fast path: cached features -> the model (bf16 + kernel +
-optional compile on CUDA, fp32 eager on CPU) -> Adam. Both paths start from the same weights.
+decoder and no kernel, Adam. Spot-fast path: cached features -> the model (bf16 autocast + kernel +
+optional compile on CUDA; fp32 eager on a CPU, and bf16 autocast beside it where the CPU
+multiplies bf16 natively) -> Adam. Every path starts from the same weights.
+
+Path names: "spot-fast" (and "batched" in evaluation) is the first fast precision; more
+precisions add "spot-fast bf16" / "batched bf16".
 """
 from __future__ import annotations
 
@@ -30,10 +34,23 @@ from spot_fast.train.steps import stage1_forward_backward, stage2_forward_backwa
 @dataclass
 class Options:
     device: torch.device
-    bf16: bool = False      # autocast the fast path to bfloat16 (CUDA)
+    precisions: tuple[str, ...] = ("fp32",)   # fast path precisions ("fp32", "bf16"), one row each
     compile: bool = False   # torch.compile the fast path's model
     clip: float = 0.3       # gradient clipping, infinity norm (the reference's)
     lr: float = 4e-4
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """Cached features enter as bf16 when every fast path autocasts to bf16."""
+        return torch.bfloat16 if set(self.precisions) == {"bf16"} else torch.float32
+
+    def fast_names(self, base: str) -> dict[str, str]:
+        """{path name: precision}: the first precision is `base`, others `base precision`."""
+        return {(base if i == 0 else f"{base} {p}"): p for i, p in enumerate(self.precisions)}
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def make_jpegs(count: int, seed: int = 0) -> list[bytes]:
@@ -75,8 +92,7 @@ class FeatureBatches:
     def __init__(self, make_reader: Callable[[], object] | None, synthetic: dict, options: Options):
         self.make_reader, self.synthetic, self.options = make_reader, synthetic, options
         self.it = iter(make_reader()) if make_reader else None
-        dtype = torch.bfloat16 if options.bf16 else torch.float32
-        self.dtype = dtype
+        self.dtype = options.input_dtype
 
     def next(self) -> dict:
         if self.it is None:
@@ -124,14 +140,14 @@ class Trainee:
     uses torch's defaults (per-tensor Adam, `clip_grad_norm_`), the fast path the trainer's
     (`spot_fast.train.optim`: fused Adam, the same clipping computed faster)."""
 
-    def __init__(self, model: SPOT, options: Options, fast: bool):
+    def __init__(self, model: SPOT, options: Options, fast: bool, precision: str = "fp32"):
         self.model = model.to(options.device).train()
         self.options = options
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = adam(params, lr=options.lr) if fast else torch.optim.Adam(params, lr=options.lr)
         self.clip = clip_grad_inf_norm_ if fast else partial(torch.nn.utils.clip_grad_norm_, norm_type=math.inf)
         self.run = torch.compile(model) if fast and options.compile else model
-        self.autocast_dtype = torch.bfloat16 if fast and options.bf16 else None
+        self.autocast_dtype = autocast_dtype(precision) if fast else None
 
     def step(self, forward_backward: Callable[[SPOT, torch.dtype | None], dict]) -> dict:
         out = forward_backward(self.run, self.autocast_dtype)
@@ -145,16 +161,18 @@ def stage1_paths(cfg: SPOTConfig, encoder: FrozenEncoder, images: JpegBatches, d
                  options: Options) -> dict[str, Callable[[], dict]]:
     torch.manual_seed(0)
     model = SPOT(cfg)
-    ref, fast = Trainee(reference_model(model), options, False), Trainee(model, options, True)
+    ref = Trainee(reference_model(model), options, False)
 
     def reference():
         feats = encoder(images.next().to(options.device)).final
         return ref.step(lambda m, _: stage1_forward_backward(m, {"features": feats}))
 
-    def spot_fast():
+    def spot_fast(fast: Trainee):
         batch = data.next()
         return fast.step(lambda m, dtype: stage1_forward_backward(m, batch, autocast_dtype=dtype))
-    return {"reference": reference, "spot-fast": spot_fast}
+    return {"reference": reference,
+            **{name: partial(spot_fast, Trainee(copy.deepcopy(model), options, True, precision))
+               for name, precision in options.fast_names("spot-fast").items()}}
 
 
 def stage2_paths(cfg: SPOTConfig, encoder: FrozenEncoder, images: JpegBatches, data: FeatureBatches,
@@ -169,7 +187,7 @@ def stage2_paths(cfg: SPOTConfig, encoder: FrozenEncoder, images: JpegBatches, d
     student.load_tail(encoder.vit.state_dict())
     teacher_model.to(options.device)
     ref_teacher = reference_model(teacher_model).to(options.device)
-    ref, fast = Trainee(reference_model(student), options, False), Trainee(student, options, True)
+    ref = Trainee(reference_model(student), options, False)
     ce = cfg.optim.ce_weight
     split = cfg.encoder.split_block
 
@@ -180,17 +198,21 @@ def stage2_paths(cfg: SPOTConfig, encoder: FrozenEncoder, images: JpegBatches, d
         batch = {"features": target, "split_tokens": encoder_prefix(encoder, x, split)}   # + student's
         return ref.step(lambda m, _: stage2_forward_backward(m, ref_teacher, batch, ce_weight=ce))
 
-    def spot_fast():
+    def spot_fast(fast: Trainee):
         batch = data.next()
         return fast.step(lambda m, dtype: stage2_forward_backward(m, teacher_model, batch, ce_weight=ce,
                                                                   autocast_dtype=dtype))
-    return {"reference": reference, "spot-fast": spot_fast}
+    return {"reference": reference,
+            **{name: partial(spot_fast, Trainee(copy.deepcopy(student), options, True, precision))
+               for name, precision in options.fast_names("spot-fast").items()}}
 
 
 def eval_paths(cfg: SPOTConfig, encoder: FrozenEncoder, images: JpegBatches, data: FeatureBatches,
                options: Options) -> tuple[dict[str, Callable[[], object]], Callable[[], dict]]:
     """All 9 orders: reference (JPEG + encoder + serial), serial and batched from cached features.
-    Also returns a check: the serial and batched masks of one batch, compared."""
+    Batched decodes masks only, as `spot-fast eval` does (the metrics need no reconstruction);
+    serial, as the reference's evaluation, decodes everything. Also returns a check: the serial
+    (fp32) and every batched path's masks of one batch, compared."""
     torch.manual_seed(0)
     batched = SPOT(cfg).to(options.device).eval()
     serial = reference_model(batched).eval()
@@ -204,18 +226,27 @@ def eval_paths(cfg: SPOTConfig, encoder: FrozenEncoder, images: JpegBatches, dat
         return serial(data.next()["features"].float(), orders="all")
 
     @torch.no_grad()
-    def batched_eval():
-        with torch.autocast(options.device.type, torch.bfloat16) if options.bf16 else nullcontext():
-            return batched(data.next()["features"], orders="all")
+    def batched_eval(precision: str, feats=None, noise=None):
+        dtype = autocast_dtype(precision)
+        with torch.autocast(options.device.type, dtype) if dtype else nullcontext():
+            feats = data.next()["features"] if feats is None else feats
+            return batched(feats, orders="all", noise=noise, masks_only=True)
+
+    paths = options.fast_names("batched")
 
     @torch.no_grad()
     def check() -> dict:
-        """Both decodings of one batch in fp32: the masks must agree."""
+        """One batch decoded serially in fp32 and by every batched path: masks must agree.
+        {batched path: {max_abs_mask_diff, argmax_agreement}}."""
         feats = data.next()["features"].float()
         sa = cfg.slot_attention
         noise = torch.randn(len(feats), sa.num_slots, sa.slot_size, device=feats.device)  # same slots
         a = serial(feats, orders="all", noise=noise).dec_masks
-        b = batched(feats, orders="all", noise=noise).dec_masks
-        return {"max_abs_mask_diff": (a - b).abs().max().item(),
-                "argmax_agreement": (a.argmax(1) == b.argmax(1)).float().mean().item()}
-    return {"reference": reference, "serial": serial_eval, "batched": batched_eval}, check
+        out = {}
+        for name, precision in paths.items():
+            b = batched_eval(precision, feats, noise).dec_masks.float()
+            out[name] = {"max_abs_mask_diff": (a - b).abs().max().item(),
+                         "argmax_agreement": (a.argmax(1) == b.argmax(1)).float().mean().item()}
+        return out
+    return {"reference": reference, "serial": serial_eval,
+            **{name: partial(batched_eval, precision) for name, precision in paths.items()}}, check

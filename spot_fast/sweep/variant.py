@@ -76,7 +76,8 @@ def stacked_train_step(trainers: list[Trainer], stacked: StackedSPOT, batch: dic
             losses = []
             for t, r, o in zip(trainers, rnds, stacked.unstack(out)):
                 with torch.no_grad():
-                    masks = t.teacher(features, orders=r.teacher_orders, noise=r.teacher_noise).dec_masks
+                    masks = t.teacher(features, orders=r.teacher_orders, noise=r.teacher_noise,
+                                      masks_only=True).dec_masks
                 losses.append(stage2_loss(o, masks.float(), t.ce_weights[t.state.step]))
             total = sum(loss.total for loss in losses)
             results = [{"loss": x.total.detach(), "mse": x.mse.detach(), "ce": x.ce.detach()} for x in losses]

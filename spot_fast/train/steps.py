@@ -44,7 +44,7 @@ def stage2_forward_backward(student, teacher, batch: dict, *, ce_weight: float |
     features = batch["features"]
     with autocast(features.device, autocast_dtype):
         with torch.no_grad():
-            t = teacher(features, orders=teacher_orders, noise=teacher_noise, generator=generator)
+            t = teacher(features, orders=teacher_orders, noise=teacher_noise, generator=generator, masks_only=True)
         out = student(batch["split_tokens"], target=features, orders=orders, generator=generator)
         loss = stage2_loss(out, t.dec_masks.float(), ce_weight)
     loss.total.backward()
