@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One pass on a GPU machine (fits one 10-minute device call; every step has a timeout): the fused slot-attention kernel's tests on
-# CUDA, then its benchmark (and the cache benchmark, if present). Run from anywhere:
+# CUDA, then its benchmark, the cache benchmark and `spot-fast bench` (eager, then with
+# torch.compile). Run from anywhere:
 #     bash benchmarks/gpu_check.sh
 # JSON results go to $OUT when it is set (the device tool collects that folder), else to
 # benchmarks/results/; with $OUT set the whole log is also written to $OUT/gpu_check.log.
@@ -33,16 +34,20 @@ $PY -c 'import pytest' || echo "pytest missing: the test steps below will fail"
 
 # GPU-marked tests first (bf16 on tensor cores, autotuning at benchmark shapes, CUDA graphs,
 # inductor), then the rest of the file, which runs on CUDA too now that the interpreter is off.
-timeout 180 $PY -m pytest -q -p no:cacheprovider -m gpu -rs ${OUT:+--junitxml=$OUT/kernel_tests_gpu.xml} tests/test_kernel_attention_step.py
-timeout 120 $PY -m pytest -q -p no:cacheprovider -m "not gpu and not slow" ${OUT:+--junitxml=$OUT/kernel_tests_cuda.xml} tests/test_kernel_attention_step.py
+timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu -rs ${OUT:+--junitxml=$OUT/kernel_tests_gpu.xml} tests/test_kernel_attention_step.py
+timeout 80 $PY -m pytest -q -p no:cacheprovider -m "not gpu and not slow" ${OUT:+--junitxml=$OUT/kernel_tests_cuda.xml} tests/test_kernel_attention_step.py
 
 # The benchmark: fp32 (SPOT trains in fp32) at the three shapes plus the whole loop; it saves JSON
 # after the step table, so a timeout in the loop part still leaves the step figures.
-timeout 200 $PY benchmarks/bench_slot_attention.py --save
-timeout 60 $PY benchmarks/bench_slot_attention.py --dtype bf16 --shapes coco --no-loop --save
+timeout 100 $PY benchmarks/bench_slot_attention.py --save
+timeout 40 $PY benchmarks/bench_slot_attention.py --dtype bf16 --shapes coco --no-loop --save
 
 if [ -f benchmarks/bench_cache.py ]; then
     timeout 30 $PY benchmarks/bench_cache.py --images 500 --no-cold --save
 fi
+
+# spot-fast bench (COCO shapes, batch 64, bf16): eager first (no compile time), then with compile.
+timeout 80 $PY benchmarks/bench_train.py --sections stage1,stage2,eval --compile off --repeats 5 ${OUT:+--out $OUT}
+timeout 100 $PY benchmarks/bench_train.py --sections stage1,eval --compile on --repeats 5 ${OUT:+--out $OUT}
 set +x
 echo "gpu_check done"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from spot_fast.encoders import load_failure
+from spot_fast.encoders import is_torch_save_file, load_failure
 from spot_fast.errors import UserError
 from spot_fast.model import SPOT, block_name, tail_name
 
@@ -87,10 +87,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointMismatch(f"reference checkpoint {path}: no such file")
+    if not is_torch_save_file(path):
+        raise CheckpointMismatch(f"reference checkpoint {path} cannot be read (not a torch.save file of tensors)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:    # pickle, zip and torch each raise their own types
-        raise CheckpointMismatch(f"reference checkpoint {path} cannot be read ({load_failure(err)}); if you "
+        raise CheckpointMismatch(f"reference checkpoint {path} cannot be read ({load_failure(err, path)}); if you "
                                  f"trust it, pass torch.load(path, weights_only=False) instead of the "
                                  f"path") from None
 

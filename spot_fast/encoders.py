@@ -97,6 +97,9 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFound(f"--weights {path}: no such file")
+    if path.suffix != ".safetensors" and not is_torch_save_file(path):
+        raise WeightsError(f"--weights {path} is not a readable {path.suffix or 'torch'} weights file (not a "
+                           f"torch.save file of tensors): pass the encoder's .pth or .safetensors release")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -104,13 +107,28 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:    # safetensors, pickle, zip and torch each raise their own types
         raise WeightsError(f"--weights {path} is not a readable {path.suffix or 'torch'} weights file "
-                           f"({load_failure(err)}): pass the encoder's .pth or .safetensors release") from None
+                           f"({load_failure(err, path)}): pass the encoder's .pth or .safetensors release") from None
     return _unwrap_state_dict(obj, path)
 
 
-def load_failure(err: Exception) -> str:
-    """One line on why torch.load / safetensors refused a file (their messages run to paragraphs)."""
+def is_torch_save_file(path: str | os.PathLike) -> bool:
+    """Whether a file starts as torch.save writes: a zip archive, or (the legacy format) a pickle."""
+    import zipfile
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+    except OSError:
+        return False
+
+
+def load_failure(err: Exception, path: str | os.PathLike | None = None) -> str:
+    """One line on why torch.load / safetensors refused a file (their messages run to paragraphs).
+    Random bytes make the unpickler fail in arbitrary ways (IndexError, EOFError, ...): a .pth
+    `path` that is neither a zip archive nor a pickle is named as such whatever the error."""
     text = str(err)
+    if path is not None and Path(path).suffix != ".safetensors" and not is_torch_save_file(path):
+        return "not a torch.save file of tensors"
     pickled = re.search(r"GLOBAL (\S+) was not an allowed global", text)
     if pickled:
         return f"it pickles Python objects ({pickled.group(1)}) besides tensors; save only the state dict"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from spot_fast.baselines import grid_labels, one_slot_labels
-from spot_fast.demo import MODELS, DemoConfig, DemoError, demo_encoder, make_data, run_demo
+from spot_fast.demo import MODELS, TILE_ZOOM, DemoConfig, DemoError, demo_encoder, make_data, run_demo
 from spot_fast.encoders import sincos_table
 from spot_fast.metrics import MetricAccumulator
 
@@ -50,7 +50,10 @@ def test_demo_writes_its_files(demo_run):
         assert (out / name / "eval" / "masks.png").is_file()
     from PIL import Image
     picture = Image.open(out / "masks.png")
-    assert picture.size == (64 * (3 + len(MODELS)), 64 * 6)      # 6 val images, 3 + one column per model
+    tile = 64 * TILE_ZOOM                                            # 6 val images under a title strip,
+    assert picture.size == (tile * (3 + len(MODELS)), 18 + tile * 6)  # 3 + one column per model
+    strip = np.asarray(picture.convert("RGB"))[:18]
+    assert (strip < 128).any() and (strip == 255).mean() > 0.5      # dark titles on white
     assert result.report == out / "report.md"
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -155,6 +156,17 @@ def test_load_reference_takes_a_path(tmp_path, models):
         target.load_state_dict(SPOT(preset("tiny")).state_dict())
         load_reference(target, ckpt)
         assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+
+
+def test_any_random_bytes_are_named_not_a_torch_save_file(tmp_path):
+    """The unpickler fails on random bytes in many ways (UnpicklingError, IndexError, EOFError...):
+    every one is reported the same way."""
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        path = tmp_path / f"w{i}.pth"
+        path.write_bytes(rng.bytes(int(rng.integers(1, 4096))))
+        with pytest.raises(WeightsError, match="not a torch.save file"):
+            FrozenEncoder.create(CFG, weights=path)
 
 
 @pytest.mark.parametrize("kind, says", [("missing", "no such file"), ("random bytes", "cannot be read"),

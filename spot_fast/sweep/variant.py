@@ -28,11 +28,12 @@ class SharedTeacher:
     def new_step(self) -> None:
         self._key, self._out = None, None
 
-    def __call__(self, features: torch.Tensor, orders=None, noise=None, generator=None):
+    def __call__(self, features: torch.Tensor, orders=None, noise=None, generator=None, masks_only=False):
         key = (features.data_ptr(), orders if isinstance(orders, (int, str)) else None,
-               None if noise is None else tuple(noise.shape))
+               None if noise is None else tuple(noise.shape), masks_only)
         if self._out is None or key != self._key:
-            self._key, self._out = key, self.model(features, orders=orders, noise=noise, generator=generator)
+            self._key, self._out = key, self.model(features, orders=orders, noise=noise, generator=generator,
+                                                   masks_only=masks_only)
         return self._out
 
 
