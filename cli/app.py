@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from spot_fast.cli.errors import ErrorReportingGroup
+from spot_fast.cli.help import Command
 
 app = typer.Typer(name="spot-fast", no_args_is_help=True, add_completion=False, cls=ErrorReportingGroup,
                   help="Train SPOT from cached frozen ViT features, fast and exact.")
@@ -27,7 +28,7 @@ def root(
     """spot-fast: extract frozen features once, train SPOT from the cache."""
 
 
-@app.command()
+@app.command(cls=Command)
 def version():
     """Print the spot-fast version."""
     _print_version(True)
@@ -44,7 +45,7 @@ def _register():
     app.add_typer(data_app, name="data", help="Datasets: make the synthetic one.")
     app.add_typer(cache_app, name="cache", help="Build, inspect and verify feature caches.")
     for name, command in (("train", train), ("eval", evaluate), ("sweep", sweep), ("bench", bench), ("demo", demo)):
-        app.command(name)(command)
+        app.command(name, cls=Command)(command)
 
 
 _register()

@@ -20,8 +20,9 @@ from typing import Optional
 import typer
 
 from spot_fast.cli.errors import at_least, on_interrupt
+from spot_fast.cli.help import Command, Group
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer(no_args_is_help=True, cls=Group)
 
 DATASETS = ("coco", "voc", "movi", "folder", "synthetic")
 
@@ -267,7 +268,7 @@ def _make_build_command(dataset: str):
 
 
 for _name in DATASETS:
-    app.command(_name)(_make_build_command(_name))
+    app.command(_name, cls=Command)(_make_build_command(_name))
 
 
 def _size(path: Path) -> str:
@@ -296,7 +297,7 @@ def _ground_truth_note(spec: dict) -> str:
     return f"[red]{text}: EMPTY GROUND TRUTH[/red]" if gt["images_with_objects"] == 0 else text
 
 
-@app.command()
+@app.command(cls=Command)
 def info(path: Path = typer.Argument(..., help="Cache directory.")):
     """Print what a cache holds (its manifest) as a table."""
     from rich.console import Console
@@ -340,7 +341,7 @@ def info(path: Path = typer.Argument(..., help="Cache directory.")):
     Console(width=max(100, Console().width)).print(t)
 
 
-@app.command()
+@app.command(cls=Command)
 def verify(path: Path = typer.Argument(..., help="Cache directory.")):
     """Re-hash every file of a cache against its manifest; exit 1 naming any bad shard."""
     from spot_fast.cache import read_manifest

@@ -6,8 +6,9 @@ from pathlib import Path
 import typer
 
 from spot_fast.cli.errors import at_least, on_interrupt
+from spot_fast.cli.help import Command, Group
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer(no_args_is_help=True, cls=Group)
 
 
 @app.callback()
@@ -15,7 +16,7 @@ def data():
     """Datasets: make the synthetic one."""
 
 
-@app.command()
+@app.command(cls=Command)
 def synthetic(
     ctx: typer.Context,
     out: Path = typer.Option(..., "--out", help="Folder to write (COCO layout: train2017/, val2017/, annotations/)."),

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 
 import typer
-from typer.core import TyperGroup
+
+from spot_fast.cli.help import Group
 
 USER_ERROR_EXIT = 2     # as click's own usage errors
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, the shell's convention
@@ -38,7 +39,7 @@ def _message(err: BaseException) -> str:
     return str(err)
 
 
-class ErrorReportingGroup(TyperGroup):
+class ErrorReportingGroup(Group):
     """The root command group: turns expected errors into one line and an exit code."""
 
     def invoke(self, ctx: typer.Context):

@@ -101,3 +101,13 @@ def test_help_lists_each_datasets_options_and_flags_have_no_bool_metavar():
     for line in cli("cache", "voc", "--help").output.splitlines():
         if "--random-init" in line or "--no-progress" in line:
             assert "<bool>" not in line, line
+
+
+@pytest.mark.parametrize("args", [(), ("version",), ("train",), ("eval",), ("sweep",), ("bench",), ("demo",),
+                                  ("cache",), ("cache", "coco"), ("cache", "info"), ("cache", "verify"),
+                                  ("data",), ("data", "synthetic")])
+def test_no_help_page_labels_a_flag_bool(args):
+    """Flags take no value: neither ours nor --help itself shows typer's `<bool>` label."""
+    res = cli(*args, "--help")
+    assert res.exit_code == 0 and "--help" in res.output, res.output
+    assert "<bool>" not in res.output, res.output
