@@ -232,7 +232,8 @@ def _demo() -> SPOTConfig:
     places as well as colours; 0.25 gave mBO^i ~10 lower), 7 small slots (3-4 objects + background;
     7 keeps objects from sharing a slot, and a grid of 7 has to split objects), small decoders,
     a short high-lr schedule (50 epochs: 30 left FG-ARI ~8 lower): minutes on a CPU. Stage 2
-    (_STAGE2_OPTIM) gets 30 epochs, its steps cost about twice stage 1's."""
+    (_STAGE2_OPTIM) gets 50 epochs too (~100 s on 2 cores; 30 left its decoder masks' FG-ARI 2-4
+    lower, 49.6-52.3 against 53.8-54.1 over seeds 0-2)."""
     return SPOTConfig(
         encoder=EncoderConfig(name="custom", image_size=64, patch_size=8, embed_dim=64, depth=2,
                               num_heads=2, split_block=1, position="sincos", position_scale=1.0),
@@ -246,7 +247,7 @@ PRESETS = {"coco": _coco, "voc": _voc, "movi-c": lambda: _movi(11), "movi-e": la
 
 # Stage-2 epochs and learning rates where they differ from stage 1 (spec section 5).
 _STAGE2_OPTIM = {"movi-c": dict(epochs=30, lr_min=1.5e-4), "movi-e": dict(epochs=30, lr_min=1.5e-4),
-                 "demo": dict(epochs=30)}  # demo: as long as the time budget allows (see _demo)
+                 "demo": dict(epochs=50)}  # demo: as long as the time budget allows (see _demo)
 
 
 def preset(name: str, stage: int = 1) -> SPOTConfig:
