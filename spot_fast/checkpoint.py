@@ -92,7 +92,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:    # pickle, zip and torch each raise their own types
-        raise CheckpointMismatch(f"reference checkpoint {path} cannot be read ({load_failure(err, path)}); if you "
+        raise CheckpointMismatch(f"reference checkpoint {path} cannot be read ({load_failure(err)}); if you "
                                  f"trust it, pass torch.load(path, weights_only=False) instead of the "
                                  f"path") from None
 

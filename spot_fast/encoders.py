@@ -107,7 +107,7 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:    # safetensors, pickle, zip and torch each raise their own types
         raise WeightsError(f"--weights {path} is not a readable {path.suffix or 'torch'} weights file "
-                           f"({load_failure(err, path)}): pass the encoder's .pth or .safetensors release") from None
+                           f"({load_failure(err)}): pass the encoder's .pth or .safetensors release") from None
     return _unwrap_state_dict(obj, path)
 
 
@@ -122,13 +122,11 @@ def is_torch_save_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_failure(err: Exception, path: str | os.PathLike | None = None) -> str:
+def load_failure(err: Exception) -> str:
     """One line on why torch.load / safetensors refused a file (their messages run to paragraphs).
-    Random bytes make the unpickler fail in arbitrary ways (IndexError, EOFError, ...): a .pth
-    `path` that is neither a zip archive nor a pickle is named as such whatever the error."""
+    Files that are not torch.save files at all are refused before loading (`is_torch_save_file`):
+    on random bytes the unpickler fails in arbitrary ways (IndexError, EOFError, ...)."""
     text = str(err)
-    if path is not None and Path(path).suffix != ".safetensors" and not is_torch_save_file(path):
-        return "not a torch.save file of tensors"
     pickled = re.search(r"GLOBAL (\S+) was not an allowed global", text)
     if pickled:
         return f"it pickles Python objects ({pickled.group(1)}) besides tensors; save only the state dict"
