@@ -2,7 +2,11 @@
 errors a user can cause are reported by `cli/errors.py` (one line, exit code 2)."""
 from __future__ import annotations
 
-import typer
+from spot_fast.threads import passive_waits
+
+passive_waits()     # before anything loads torch: OpenMP's idle threads sleep instead of spinning
+
+import typer  # noqa: E402
 
 from spot_fast.cli.errors import ErrorReportingGroup
 from spot_fast.cli.help import Command
