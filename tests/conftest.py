@@ -1,12 +1,16 @@
-"""Test setup. TRITON_INTERPRET must be set before triton is first imported, so it is set here."""
+"""Test setup. Without a GPU the Triton kernels run on Triton's CPU interpreter: TRITON_INTERPRET=1
+must be set before triton is first imported, so it is set here (importing torch and asking for CUDA
+does not import triton). With a GPU it is left alone, so the kernel tests (the `gpu`-marked ones
+included) run compiled on CUDA; an explicit TRITON_INTERPRET in the environment always wins."""
 import os
+from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+INTERPRET_FROM_ENV = os.environ.get("TRITON_INTERPRET")    # what the environment asked for, if anything
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GOLDEN_PATH = SHARED / "spec" / "golden" / "spot_tiny.pt"
@@ -20,6 +24,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def interpret_from_env() -> str | None:
+    """TRITON_INTERPRET as the environment gave it before this file's default (None: unset)."""
+    return INTERPRET_FROM_ENV
 
 
 @pytest.fixture(scope="session")

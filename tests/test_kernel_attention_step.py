@@ -1,7 +1,7 @@
 """The fused slot-attention kernel against an fp64 reference, forward and backward.
 
-Without a GPU the kernel runs under TRITON_INTERPRET=1 (set in conftest.py) on CPU tensors; with
-TRITON_INTERPRET=0 and a GPU the same tests run on CUDA (benchmarks/gpu_check.sh does that). Tests
+Without a GPU the kernel runs under TRITON_INTERPRET=1 (conftest.py sets it then) on CPU tensors;
+with a GPU the interpreter stays off and the same tests run on CUDA (benchmarks/gpu_check.sh too). Tests
 marked `gpu` need CUDA (bf16 on tensor cores, autotuning, CUDA graphs, inductor, determinism).
 
 Every kernel-vs-reference comparison uses the flash-attention rule (`assert_within_fp32_error`):
@@ -168,6 +168,15 @@ def test_softmax_saved_only_for_gradients(monkeypatch):
     *_, p = real(k.detach(), q.detach(), v.detach(), False, True)
     assert p.shape == (2, 37, 7)
     torch.testing.assert_close(p.sum(-1), torch.ones(2, 37, device=p.device), rtol=0, atol=1e-6)
+
+
+def test_interpreter_only_without_a_gpu(interpret_from_env):
+    """On a GPU machine the kernel tests run compiled on CUDA (test_deterministic is meaningful only
+    there); without one they run on the interpreter. An explicit TRITON_INTERPRET is obeyed."""
+    if interpret_from_env is not None:
+        pytest.skip(f"TRITON_INTERPRET={interpret_from_env} given by the environment")
+    assert sat.INTERPRETING == (not torch.cuda.is_available())
+    assert (DEVICE == "cuda") == torch.cuda.is_available()
 
 
 def test_several_splits_are_exercised():

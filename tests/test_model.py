@@ -1,5 +1,6 @@
 """Behaviour of the model beyond the golden numbers: batched multi-order decoding, per-sample
 orders, reference checkpoints both ways, encoder weights from files, presets."""
+import copy
 import dataclasses
 
 import pytest
@@ -191,6 +192,18 @@ def test_every_encoder_gives_grid_tokens(name):
     assert tokens.final.shape == (1, cfg.num_patches, cfg.feature_dim)
     assert tokens.split.shape == (1, prefix + cfg.num_patches, cfg.feature_dim)
     assert enc.weights_id.startswith("random-init")
-    # no final norm: the last block's output, prefix tokens dropped
-    x = enc.vit.forward_features(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
-    assert not torch.allclose(enc(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).final, x[:, prefix:])
+    # timm's own forward, cut by hand: final = the last block's output without the final norm, prefix
+    # tokens dropped; split = the input of block 8 (timm run on blocks 0-7, no norm), prefix kept
+    images = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+    got = enc(images, split_block=8)
+    vit = copy.deepcopy(enc.vit)
+    vit.norm = torch.nn.Identity()
+    with torch.no_grad():
+        final = vit.forward_features(images)
+        vit.blocks = vit.blocks[:8]
+        split = vit.forward_features(images)
+    torch.testing.assert_close(got.final, final[:, prefix:], rtol=0, atol=0)
+    torch.testing.assert_close(got.split, split, rtol=0, atol=0)
+    # and the norm it leaves out is not a no-op here (else the check above could not tell)
+    normed = enc.vit.norm(got.final)
+    assert (normed - got.final).norm() > 0.1 * got.final.norm()
