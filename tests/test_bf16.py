@@ -1,7 +1,12 @@
 """bf16 autocast, the fast path's precision on GPUs and (opt-in) on CPUs that multiply bf16
 natively: the same step as fp32 to bf16's rounding, and training that follows fp32's course.
-Gradients are compared with an fp64 reference; fp32's own error sets the scale of nothing
-here (bf16 rounding, ~4e-3 per operation, dominates), so the bounds are bf16-sized."""
+
+Gradients follow flash-attention's rule: the error of the autocast step's gradients against an
+fp64 reference is at most twice the error of PyTorch's plain bf16 (the same model and inputs cast
+to bf16 whole) against that reference, plus a small floor, for every parameter. bf16 rounding
+(~4e-3 per operation) compounds to a few per cent per gradient through 3 slot-attention
+iterations and the decoder, so it is PyTorch's own bf16 error that sets the scale, not a guess.
+"""
 import copy
 
 import torch
@@ -28,18 +33,23 @@ def gradients(model, feats, noise, dtype=None) -> dict[str, torch.Tensor]:
     return {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_bf16_step_gradients_match_fp64_to_bf16_rounding():
+def test_bf16_step_gradients_within_twice_pytorch_bf16_error():
     model, feats, noise = model_and_batch()
     exact = gradients(copy.deepcopy(model).double(), feats.double(), noise.double())
-    half = gradients(model, feats, noise, torch.bfloat16)
-    assert set(half) == set(exact)
-    flat_e = torch.cat([g.flatten() for g in exact.values()])
-    flat_h = torch.cat([half[n].flatten() for n in exact])
-    assert torch.nn.functional.cosine_similarity(flat_e, flat_h, dim=0) > 0.99
-    floor = 1e-3 * flat_e.norm()            # for gradients zero in exact arithmetic (LN bias before q)
+    half = gradients(copy.deepcopy(model), feats, noise, torch.bfloat16)
+    plain = gradients(copy.deepcopy(model).to(torch.bfloat16), feats.bfloat16(), noise.bfloat16())
+    assert set(half) == set(exact) == set(plain)
+    flat = torch.cat([g.flatten() for g in exact.values()])
+    rms = flat.norm() / flat.numel() ** 0.5
     for name, g in exact.items():
-        err = (half[name] - g).norm() / g.norm().clamp_min(floor)
-        assert err < 0.25, f"{name}: bf16 gradient off by {err:.3g} (relative L2)"
+        # floor: 0.1% of the gradient, plus 1e-4 of the typical entry for gradients that are zero
+        # in exact arithmetic (the LayerNorm bias before q, whose every rounding error is all there is)
+        floor = 1e-3 * g.norm() + 1e-4 * rms * g.numel() ** 0.5
+        err, err_pt = (half[name] - g).norm(), (plain[name] - g).norm()
+        assert err <= 2 * err_pt + floor, (f"{name}: autocast gradient off by {err / g.norm():.3g} (relative L2), "
+                                           f"PyTorch bf16 by {err_pt / g.norm():.3g}")
+    # and bf16 is not so coarse that the rule says nothing: PyTorch's own error stays a few per cent
+    assert (torch.cat([plain[n].flatten() for n in exact]) - flat).norm() < 0.1 * flat.norm()
 
 
 def test_bf16_training_follows_fp32():
