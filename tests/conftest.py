@@ -12,7 +12,8 @@ INTERPRET_FROM_ENV = os.environ.get("TRITON_INTERPRET")    # what the environmen
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# the spec folder (golden numbers, permutations): `shared/` beside the repo, or $SPOT_FAST_SHARED
+SHARED = Path(os.environ.get("SPOT_FAST_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 GOLDEN_PATH = SHARED / "spec" / "golden" / "spot_tiny.pt"
 PERMUTATIONS_PATH = SHARED / "spec" / "permutations.json"
 
@@ -35,7 +36,7 @@ def interpret_from_env() -> str | None:
 @pytest.fixture(scope="session")
 def golden():
     if not GOLDEN_PATH.is_file():
-        pytest.fail(f"golden file missing: {GOLDEN_PATH} (the shared/ folder must sit beside the repo)")
+        pytest.fail(f"golden file missing: {GOLDEN_PATH} (the shared/ folder must sit beside the repo, or set SPOT_FAST_SHARED)")
     return torch.load(GOLDEN_PATH, weights_only=True)
 
 

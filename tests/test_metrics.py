@@ -1,9 +1,10 @@
 """Metrics: against the reference's values (golden), and against brute force on tiny cases."""
 import itertools
 
+import numpy as np
+
 import pytest
 import torch
-import torch.nn.functional as F
 
 from spot_fast.metrics import (
     MetricAccumulator,
@@ -195,12 +196,46 @@ def test_bad_inputs_raise():
 
 # ----------------------------------------------------------------------------- masks_to_labels
 
-def test_masks_to_labels_matches_interpolate_argmax():
-    masks = torch.rand(3, 7, 14, 14, generator=torch.Generator().manual_seed(0))
-    labels = masks_to_labels(masks, 40)
-    want = F.interpolate(masks, size=(40, 40), mode="bilinear", align_corners=False).argmax(1)
-    assert labels.dtype == torch.int64 and labels.shape == (3, 40, 40)
-    assert torch.equal(labels, want)
+def _bilinear_by_hand(masks: np.ndarray, size: int) -> np.ndarray:
+    """(B, K, h, w) -> (B, K, size, size) in fp64, loop by loop: half-pixel centres (the source
+    point of output pixel i is (i + 0.5) * h / size - 0.5, clamped to the edge pixels)."""
+    def taps(n_in):
+        out = []
+        for i in range(size):
+            x = min(max((i + 0.5) * n_in / size - 0.5, 0.0), n_in - 1)
+            lo = int(np.floor(x))
+            out.append((lo, min(lo + 1, n_in - 1), x - lo))
+        return out
+    B, K, h, w = masks.shape
+    up = np.zeros((B, K, size, size))
+    for i, (y0, y1, fy) in enumerate(taps(h)):
+        for j, (x0, x1, fx) in enumerate(taps(w)):
+            up[:, :, i, j] = ((1 - fy) * (1 - fx) * masks[:, :, y0, x0] + (1 - fy) * fx * masks[:, :, y0, x1]
+                              + fy * (1 - fx) * masks[:, :, y1, x0] + fy * fx * masks[:, :, y1, x1])
+    return up
+
+
+@pytest.mark.parametrize("h,size", [(14, 40), (4, 16), (7, 5)])
+def test_masks_to_labels_is_bilinear_upsampling_then_argmax(h, size):
+    masks = torch.rand(3, 7, h, h, generator=torch.Generator().manual_seed(h), dtype=torch.float64)
+    labels = masks_to_labels(masks.float(), size)
+    assert labels.dtype == torch.int64 and labels.shape == (3, size, size)
+    up = _bilinear_by_hand(masks.numpy(), size)
+    top2 = np.sort(up, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-5           # pixels whose winner fp32 rounding cannot change
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(labels.numpy()[clear], up.argmax(1)[clear])
+
+
+def test_masks_to_labels_by_hand():
+    """2x2 -> 4x4: slot 1 owns the top-left source pixel, slot 0 the rest; bilinear interpolation
+    at half-pixel centres gives slot 1 exactly the output pixels whose value of its mask is > 0.5."""
+    masks = torch.zeros(1, 2, 2, 2)
+    masks[0, 1, 0, 0] = 1.0
+    masks[0, 0] = 1 - masks[0, 1]
+    # slot 1's mask upsampled: rows/cols weights (1, 0.75, 0.25, 0) on source pixel 0
+    want = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    assert torch.equal(masks_to_labels(masks, 4)[0], want)
 
 
 def test_masks_to_labels_constant_masks():
