@@ -2,11 +2,7 @@
 import numpy as np
 import pytest
 
-from spot_fast.cache.sampler import dropped_samples, epoch_batches, num_batches
-
-SIZES = [1, 7, 20, 64, 101]
-BATCHES = [1, 3, 8, 64]
-WORLDS = [1, 2, 3, 4]
+from spot_fast.cache.sampler import dropped_samples, epoch_batches, num_batches, sample_views
 
 
 def _all_ranks(n, b, world, drop_last, seed=0, epoch=0, views=1):
@@ -14,52 +10,63 @@ def _all_ranks(n, b, world, drop_last, seed=0, epoch=0, views=1):
                           drop_last=drop_last, num_views=views) for r in range(world)]
 
 
-@pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("b", BATCHES)
-@pytest.mark.parametrize("world", WORLDS)
-def test_every_sample_once_and_true_length(n, b, world):
-    ranks = _all_ranks(n, b, world, drop_last=False)
-    counts = {len(bs) for bs in ranks}
-    assert len(counts) == 1, "every rank must take the same number of steps"
-    steps = counts.pop()
-    assert steps == num_batches(n, b, world_size=world, drop_last=False)
-    rows = np.concatenate([r for bs in ranks for r, _ in bs]) if steps else np.zeros(0, np.int64)
-    assert len(np.unique(rows)) == len(rows), "a sample was read twice"
-    assert set(rows.tolist()) <= set(range(n))
-    missing = n - len(rows)
-    assert missing <= world - 1 and missing == dropped_samples(n, b, world_size=world)
-    # within a step all ranks hold the same number of samples, at most b, and never zero
-    for step in zip(*ranks):
+def _check_epoch(n, b, world, drop_last, seed, epoch, views):
+    """Every invariant of one epoch of every rank; returns which regime the case fell in."""
+    ranks = _all_ranks(n, b, world, drop_last, seed, epoch, views)
+    G = b * world
+    steps = num_batches(n, b, world_size=world, drop_last=drop_last)
+    # every rank takes the same number of steps, the count num_batches gives
+    assert all(len(bs) == steps for bs in ranks), "every rank must take the same number of steps"
+    # within a step all ranks hold the same number of samples, at most b, never zero; full steps hold b
+    for i, step in enumerate(zip(*ranks)):
         sizes = {len(r) for r, _ in step}
         assert len(sizes) == 1 and 0 < sizes.pop() <= b
-    if world == 1:
-        assert missing == 0
+        if i < n // G:
+            assert all(len(r) == b for r, _ in step)
+    # no sample twice in an epoch, across ranks; only real rows; int64
+    rows = np.concatenate([r for bs in ranks for r, _ in bs]) if steps else np.zeros(0, np.int64)
+    assert rows.dtype == np.int64 and len(np.unique(rows)) == len(rows), "a sample was read twice"
+    assert set(rows.tolist()) <= set(range(n))
+    missing = n - len(rows)
+    assert missing == dropped_samples(n, b, world_size=world, drop_last=drop_last)
+    if drop_last:      # full global batches only: the n % G left over are not read
+        assert steps == n // G and all(len(r) == b for bs in ranks for r, _ in bs) and missing == n % G
+    else:              # at most world - 1 samples go unread (none on one rank)
+        assert missing <= world - 1 and missing == (n % G) % world
+    # step i of every rank, concatenated in rank order, is step i of one rank with batch G
+    single = epoch_batches(n, G, seed=seed, epoch=epoch, drop_last=drop_last, num_views=views)
+    for i, step in enumerate(zip(*ranks)):
+        got_rows = np.concatenate([r for r, _ in step])
+        np.testing.assert_array_equal(got_rows, single[i][0][:len(got_rows)])
+        np.testing.assert_array_equal(np.concatenate([v for _, v in step]), single[i][1][:len(got_rows)])
+    # the view of a sample is the epoch's per-sample draw, whichever rank and step read it
+    every_view = sample_views(n, views, seed=seed, epoch=epoch)
+    assert all(np.array_equal(v, every_view[r]) and ((v >= 0) & (v < views)).all() for bs in ranks for r, v in bs)
+    # deterministic in (seed, epoch)
+    again = _all_ranks(n, b, world, drop_last, seed, epoch, views)
+    assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1])
+               for bs, bs2 in zip(ranks, again) for x, y in zip(bs, bs2))
+    tail = not drop_last and (n % G) // world > 0
+    return {"empty": steps == 0, "short tail": tail, "unread": missing > 0, "exact": n > 0 and n % G == 0,
+            "drop_last": drop_last, "several ranks": world > 1 and steps > 1}
 
 
-@pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("b", BATCHES)
-@pytest.mark.parametrize("world", WORLDS)
-def test_drop_last_gives_full_batches_only(n, b, world):
-    ranks = _all_ranks(n, b, world, drop_last=True)
-    assert all(len(bs) == n // (b * world) == num_batches(n, b, world_size=world, drop_last=True)
-               for bs in ranks)
-    assert all(len(r) == b for bs in ranks for r, _ in bs)
-    assert dropped_samples(n, b, world_size=world, drop_last=True) == n % (b * world)
-
-
-@pytest.mark.parametrize("n,b,world", [(101, 8, 3), (64, 8, 4), (20, 8, 1), (7, 2, 2)])
-def test_union_of_ranks_is_the_one_rank_batch(n, b, world):
-    """Step i of every rank, concatenated in rank order, is step i of one rank with batch G."""
-    G = b * world
-    for drop_last in (False, True):
-        ranks = _all_ranks(n, b, world, drop_last, seed=3, epoch=5, views=4)
-        single = epoch_batches(n, G, seed=3, epoch=5, drop_last=drop_last, num_views=4)
-        for i, step in enumerate(zip(*ranks)):
-            rows = np.concatenate([r for r, _ in step])
-            views = np.concatenate([v for _, v in step])
-            k = len(rows)   # the short last step drops n % world of the 1-rank tail
-            np.testing.assert_array_equal(rows, single[i][0][:k])
-            np.testing.assert_array_equal(views, single[i][1][:k])
+def test_epoch_invariants_over_random_cases():
+    """A seeded property test: 400 random (n, batch, world, drop_last, seed, epoch, views)."""
+    rng = np.random.default_rng(20261202)
+    seen = dict.fromkeys(("empty", "short tail", "unread", "exact", "drop_last", "several ranks"), 0)
+    for _ in range(400):
+        world = int(rng.integers(1, 6))
+        b = int(rng.choice([1, 2, 3, 8, int(rng.integers(1, 70))]))
+        n = int(rng.integers(0, 3 * b * world + 10))
+        case = dict(n=n, b=b, world=world, drop_last=bool(rng.integers(2)), seed=int(rng.integers(2**31)),
+                    epoch=int(rng.integers(100)), views=int(rng.integers(1, 5)))
+        try:
+            for regime, hit in _check_epoch(**case).items():
+                seen[regime] += hit
+        except AssertionError as e:
+            raise AssertionError(f"{case}: {e}") from e
+    assert min(seen.values()) >= 20, seen      # every regime was drawn often enough to mean something
 
 
 def test_matches_the_documented_recipe():
