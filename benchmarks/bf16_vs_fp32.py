@@ -191,6 +191,8 @@ def main() -> None:
                      slot_init=a.slot_init, work=a.work)
     result = run(cfg)
     print(format_table(result["comparison"], cfg.seeds))
+    seconds = {p: mean_se([r["seconds"] for r in result["rows"] if r["precision"] == p])[0] for p in PRECISIONS}
+    print("mean seconds per run: " + ", ".join(f"{p} {s:.1f}" for p, s in seconds.items()))
     print(result["verdict"])
     if a.save:
         print(f"saved {save_result('bf16_vs_fp32', result)}")
