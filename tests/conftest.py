@@ -36,7 +36,8 @@ def interpret_from_env() -> str | None:
 @pytest.fixture(scope="session")
 def golden():
     if not GOLDEN_PATH.is_file():
-        pytest.fail(f"golden file missing: {GOLDEN_PATH} (the shared/ folder must sit beside the repo, or set SPOT_FAST_SHARED)")
+        pytest.fail(f"golden file missing: {GOLDEN_PATH} (the shared/ folder must sit beside the repo, "
+                    f"or set SPOT_FAST_SHARED)")
     return torch.load(GOLDEN_PATH, weights_only=True)
 
 

@@ -55,7 +55,8 @@ def test_verdict_at_two_standard_errors(bench):
     assert not outside["train_mse"]["within_2_se"]
     assert all(v["within_2_se"] for k, v in outside.items() if k != "train_mse")
     # a seed that ran in one precision only is left out of both means
-    extra = _rows(bench, fp32, fp32, "val_mse") + [{"precision": "fp32", "seed": 9, **{k: 99.0 for k, _ in bench.COLUMNS}}]
+    lone = {"precision": "fp32", "seed": 9, **{k: 99.0 for k, _ in bench.COLUMNS}}
+    extra = _rows(bench, fp32, fp32, "val_mse") + [lone]
     assert bench.compare(extra)["val_mse"]["fp32_mean"] == pytest.approx(2.5)
 
 
