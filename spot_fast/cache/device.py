@@ -5,7 +5,8 @@
 
 On CUDA, batch i+1 is copied (from pinned memory, on a side stream) and cast while the step of
 batch i runs; the step's stream waits for the copy by an event, never the host. On other devices
-it is a plain move + cast. Host buffers are released in the order TrainReader's ring expects: a
+it is a plain move + cast. 8-bit caches' tokens travel as stored (one byte a value) with their
+per-token scales and are dequantised on the device, in `dtype` (codec.dequantize). Host buffers are released in the order TrainReader's ring expects: a
 host batch is not needed once its copy has finished, which is checked before the reader is asked
 for the batch that may overwrite it (two batches later).
 """
@@ -16,18 +17,23 @@ from typing import Iterable, Iterator
 
 import torch
 
+from spot_fast.cache.codec import dequantize, scale_name
+
 TOKENS = ("features", "split_tokens")      # the entries cast to the compute dtype
 
 
 def _move(batch: dict, device: torch.device, dtype: torch.dtype, non_blocking: bool) -> dict:
-    """Every tensor of `batch` on `device` (tokens cast to `dtype` there); other entries as they are."""
+    """Every tensor of `batch` on `device` (tokens cast to `dtype` there, 8-bit tokens dequantised
+    there with their `<name>_scale`, which the result no longer holds); other entries as they are."""
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
             v = v.to(device, non_blocking=non_blocking)
-            if k in TOKENS:
-                v = v.to(dtype)
         out[k] = v
+    for k in TOKENS:
+        if k in out:
+            scale = out.pop(scale_name(k), None)
+            out[k] = out[k].to(dtype) if scale is None else dequantize(out[k], scale, dtype)
     return out
 
 

@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spot_fast.cache.manifest import (BUILD_STATE, MANIFEST, MASK_DTYPES, SCHEMA_VERSION, STORED_NUMPY,
+from spot_fast.cache.codec import STORED_NUMPY
+from spot_fast.cache.manifest import (BUILD_STATE, MANIFEST, MASK_DTYPES, SCHEMA_VERSION,
                                       CacheError, read_manifest)
 from spot_fast.config import EncoderConfig
 from spot_fast.data.sources import SOURCES

@@ -76,9 +76,10 @@ class WdsReader:
             row = int(raw["__key__"])
             feats = sample["features"]                      # (V, N, D)
             v = self._view(row, epoch, views, self.views or feats.shape[0])
-            out = {"index": row, "view": v, "image_id": sample["image_id"], "features": feats[v]}
-            if self.split_tokens and "split_tokens" in sample:
-                out["split_tokens"] = sample["split_tokens"][v]
+            out = {"index": row, "view": v, "image_id": sample["image_id"]}
+            for name in ("features", "split_tokens", "features_scale", "split_tokens_scale"):
+                if name in sample and (self.split_tokens or not name.startswith("split")):
+                    out[name] = sample[name][v]
             yield out
 
     def _batches(self, epoch: int) -> Iterator[dict]:
@@ -94,7 +95,7 @@ class WdsReader:
 
     def _collate(self, samples: list[dict], image_id: Callable) -> dict:
         cols = {k: [s[k] for s in samples] for k in samples[0]}
-        for k in ("features", "split_tokens"):
+        for k in ("features", "split_tokens", "features_scale", "split_tokens_scale"):
             if k in cols:
                 cols[k] = np.stack(cols[k])
         return to_batch(Rows(cols), self.dtype, image_id, self.pin, self.out_dtype)
