@@ -48,19 +48,36 @@ class MappedSlabs:
         """out[i] = slab(samples[i], views[i]) for i < len(samples): one copy per slab, in `out`'s dtype.
 
         Same dtype: a numpy byte copy (releases the GIL, so worker threads copy in parallel);
-        otherwise torch's converting copy, still one pass."""
+        otherwise torch's converting copy, still one pass. Small slabs (8-bit caches' per-token
+        scales, under a page each) are gathered by one numpy index per file instead."""
+        raw = _raw_numpy(out, self.stored)
+        if raw is not None and self.nbytes < SMALL_SLAB:
+            return self._gather(raw, samples, views)
         pairs = list(zip(samples.tolist(), views.tolist()))
         for s, v in pairs:           # ask the kernel for every slab at once: cold reads then overlap
             start = self.start(s, v)
             page = start - start % mmap.PAGESIZE
             self.mmaps[self.file[s]].madvise(mmap.MADV_WILLNEED, page, start + self.nbytes - page)
-        raw = _raw_numpy(out, self.stored)
         for i, (s, v) in enumerate(pairs):
             src = self.slab(s, v)
             if raw is not None:
                 np.copyto(raw[i], src.view(raw.dtype))
             else:
                 out[i].copy_(stored_tensor(src, self.stored))
+
+
+    def _gather(self, raw: np.ndarray, samples: np.ndarray, views: np.ndarray) -> None:
+        """raw[i] = the bytes of slab (samples[i], views[i]), by fancy indexing (one op per file)."""
+        starts = self.offset[samples] + views * self.nbytes                         # (b,)
+        files = self.file[samples]
+        flat = raw[:len(samples)].reshape(len(samples), -1).view(np.uint8)         # (b, nbytes)
+        span = np.arange(self.nbytes)
+        for f in np.unique(files).tolist():
+            rows = np.flatnonzero(files == f)
+            flat[rows] = self.maps[f][starts[rows, None] + span]
+
+
+SMALL_SLAB = 4096       # bytes: slabs below this are gathered (per-slab calls would cost more than the bytes)
 
 
 class ZarrSlabs:
