@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from spot_fast.cache.sampler import epoch_batches, num_batches
+from spot_fast.cache.wds_reader import WdsReader
 
 
 class _Batches:
@@ -101,6 +102,5 @@ class StreamBatches:
         return self.steps
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
-        from spot_fast.cache import WdsReader
         reader = WdsReader(self.urls, self.batch_size, epoch=epoch, **self.kw)
         return itertools.islice(iter(reader), start_step, self.steps)     # resuming reads the skipped batches
