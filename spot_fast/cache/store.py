@@ -65,10 +65,18 @@ class CacheStore:
 
     @property
     def zarr(self) -> ZarrStore:
+        """The zarr group, opened once its metadata files (zarr.json) match the manifest's sha256."""
         if self._zarr is None:
-            self._zarr = ZarrStore(self.path, self.manifest["arrays"], mode="r",
-                                   chunk_images=self.manifest["chunk_images"],
-                                   raw=self.manifest["compression"] is None)
+            meta = [(rel, sha, "cache metadata") for rel, sha in self.manifest["files"].items()
+                    if rel.endswith("zarr.json")]
+            FIRST_READ.ensure(self.path, meta)
+            try:
+                self._zarr = ZarrStore(self.path, self.manifest["arrays"], mode="r",
+                                       chunk_images=self.manifest["chunk_images"],
+                                       raw=self.manifest["compression"] is None)
+            except (ValueError, KeyError, OSError) as e:     # zarr's own errors on unreadable metadata
+                raise CacheError(f"cache {self.path}: its zarr metadata cannot be read ({type(e).__name__}); "
+                                 f"run `spot-fast cache verify {self.path}`, then rebuild the cache") from None
         return self._zarr
 
     def shard_file(self, k: int, name: str) -> str:
