@@ -31,36 +31,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from spot_fast import __version__
 from spot_fast.cache import zarr_store
 from spot_fast.cache.build_io import BuildProgress, SourceItems, list_collate, mask_array, save_tail
 from spot_fast.cache.checks import fast_hash
 from spot_fast.cache.codec import TOKEN_ARRAYS, merge_stats
 from spot_fast.cache.encode import BatchEncoder
 from spot_fast.cache.layout import MASK_NAMES, SCALE_NAMES, Shard, array_specs, shard_bounds
-from spot_fast.cache.manifest import (BUILD_STATE, MANIFEST, SCHEMA_VERSION, SHARD_MARKERS, TAIL_FILE,
-                                      CacheError, read_manifest, shard_owner, write_json_atomic, write_manifest)
+from spot_fast.cache.manifest import (BUILD_STATE, MANIFEST, SHARD_MARKERS, TAIL_FILE, CacheError, read_manifest,
+                                      shard_owner, write_json_atomic)
+from spot_fast.cache.merge import merge, rounded
 from spot_fast.cache.paths import CacheSpec, check_existing, encoder_description
 from spot_fast.cache.ranks import ERRORS, Ranks, default_device, ranks_from_env
 from spot_fast.cache.writer import ShardWriter, remove_temporaries
 from spot_fast.data.base import Source
-from spot_fast.encoders import FrozenEncoder, file_sha256
+from spot_fast.encoders import FrozenEncoder
 
 # ----------------------------------------------------------------------------- the build
-
-QUANTIZATION = {d: {"format": "e4m3" if d == "fp8" else "int8", "granularity": "per token row",
-                    "scale": "float32, max|row| / format max (fp8 448, int8 127)",
-                    "final_tokens": "with --split-block: the frozen tail applied to the stored split tokens"}
-                for d in ("fp8", "int8")}
-STORED_NOTE = {"bf16": " (bfloat16 bits)", "fp8": " (float8_e4m3fn bits) + float32 scale per token",
-               "int8": " + float32 scale per token"}
-
-
-def rounded(stats: dict) -> dict:
-    """Error stats to 6 significant digits: the last bits of a float sum may differ between thread
-    counts, and a resumed build must stay byte-identical."""
-    return {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in stats.items()}
-
 
 @dataclass
 class BuildResult:
@@ -248,57 +234,6 @@ class _Builder:
             writer.stop()
 
     # -- merging --------------------------------------------------------------------------
-    def merge(self) -> dict:
-        """Rank 0, after all ranks are done: the manifest from the shard markers."""
-        shards, skipped, int_ids, stats = [], [], True, []
-        for k in range(len(self.bounds)):
-            if not self.marker(k).is_file():
-                raise CacheError(f"shard {k} of {self.out} was not built (a build process failed?): "
-                                 f"rerun the same command to finish it")
-            m = json.loads(self.marker(k).read_text())
-            shards.append({key: m[key] for key in ("index", "start", "stop", "images", "files", "xxh3")})
-            skipped += m["skipped"]
-            stats.append(m.get("stats", {}))
-            int_ids &= m["int_ids"] or m["images"] == 0
-        meta = ["zarr.json"] + [f"{n}/zarr.json" for n in self.specs] if self.spec.format == "zarr" else []
-        if self.spec.split_block is not None:
-            meta.append(TAIL_FILE)
-        spec, cfg = self.spec, self.spec.encoder
-        stored = sum(s["images"] for s in shards)
-        manifest = {
-            "schema_version": SCHEMA_VERSION, "complete": True, "spot_fast_version": __version__,
-            "content_key": self.key, "dataset": spec.dataset, "root": spec.root, "split": spec.split,
-            "source_options": spec.source_options, "content": spec.content, "format": spec.format,
-            "encoder": encoder_description(cfg), "weights": spec.weights_id, "random_init": spec.random_init,
-            "image_size": cfg.image_size, "patch_size": cfg.spec.patch_size,
-            "grid": [cfg.grid_size, cfg.grid_size], "num_patches": cfg.num_patches, "feature_dim": cfg.feature_dim,
-            "num_prefix_tokens": self.encoder.num_prefix_tokens,
-            "views": self.views, "views_spec": self.source.views_spec(),
-            "layers": {"final": f"output of block {cfg.spec.depth - 1}, no final norm, CLS/registers dropped",
-                       "split_block": spec.split_block,
-                       "split_tokens": None if spec.split_block is None else
-                       f"input of block {spec.split_block}, CLS/registers kept"},
-            "dtype": spec.dtype, "autocast": spec.autocast,
-            "quantization": QUANTIZATION.get(spec.dtype),
-            "stored_error": {layer: rounded(merge_stats([st[layer] for st in stats if layer in st]))
-                             for layer in dict.fromkeys(layer for st in stats for layer in st)},
-            "stored_dtype": self.specs["features"]["dtype"] + STORED_NOTE.get(spec.dtype, ""),
-            "mask_size": spec.mask_size if spec.split == "val" else None,
-            "mask_dtype": spec.mask_dtype if spec.split == "val" else None,
-            "chunk_images": spec.chunk_images, "compression": spec.compression,
-            "image_id_type": "int" if int_ids else "str",
-            "counts": {"source_images": self.num_rows, "images": stored, "skipped": len(skipped),
-                       "shards": len(shards)},
-            "skipped": sorted(skipped, key=lambda s: s["index"]),
-            "arrays": self.specs,
-            "files": {rel: file_sha256(self.out / rel) for rel in meta},
-            "shards": shards,
-        }
-        write_manifest(self.out, manifest)
-        shutil.rmtree(self.out / SHARD_MARKERS, ignore_errors=True)
-        shutil.rmtree(self.out / ERRORS, ignore_errors=True)
-        (self.out / BUILD_STATE).unlink(missing_ok=True)
-        return manifest
 
 
 def _failure(step) -> BaseException | None:
@@ -354,9 +289,9 @@ def build_cache(source: Source, encoder: FrozenEncoder, spec: CacheSpec, out: st
         result = BuildResult(out, None)
         ranks.sync(out, _failure(lambda: builder.build(result)))
 
-        def merge():
-            result.manifest = builder.merge()
-        ranks.sync(out, _failure(merge) if ranks.rank == 0 else None)
+        def finish():
+            result.manifest = merge(builder)
+        ranks.sync(out, _failure(finish) if ranks.rank == 0 else None)
     finally:
         ranks.close()
     result.seconds = time.perf_counter() - t0
