@@ -11,13 +11,9 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).parent))
 from cache_fakes import tiny_encoder  # noqa: E402
 
-try:
-    from spot_fast.data.sources import open_source
-    from spot_fast.data.synthetic import SyntheticConfig, write_synthetic
-except ImportError as e:   # the sources land in a separate change
-    pytest.skip(f"spot_fast.data sources are not importable yet ({e})", allow_module_level=True)
-
 from spot_fast.cache import open_cache  # noqa: E402
+from spot_fast.data.sources import open_source  # noqa: E402
+from spot_fast.data.synthetic import SyntheticConfig, write_synthetic  # noqa: E402
 
 TINY = ["--preset", "tiny", "--random-init", "--chunk-images", "4", "--mask-size", "16", "--num-workers", "0",
         "--batch-size", "3", "--no-progress"]

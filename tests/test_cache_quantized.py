@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from cache_fakes import FakeSource, build_tiny, tiny_encoder, tiny_spec  # noqa: E402
 
-from spot_fast.cache import CacheError, device_batches, open_cache, verify  # noqa: E402
+from spot_fast.cache import CacheError, FrozenTail, device_batches, open_cache, verify  # noqa: E402
+from spot_fast.config import preset  # noqa: E402
 from spot_fast.cache.codec import dequantize, quantize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,3 +184,23 @@ def test_error_record_is_measured_against_the_encoder(q8):
     rel = float((stored - split).norm() / split.norm())
     assert abs(cache.manifest["stored_error"]["split"]["rel_rms"] - rel) <= 1e-5 * rel
     assert json.loads(json.dumps(cache.manifest["stored_error"])) == cache.manifest["stored_error"]
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp8"])
+def test_targets_derived_on_the_device_are_tail_consistent(q8, dtype):
+    """With `targets=FrozenTail`, the stage-2 target is the frozen tail of the split tokens the
+    student reads: consistency 0, where the stored 8-bit target is off by its rounding."""
+    cache = open_cache(q8["zarr", dtype], allow_random_init=True)
+    tail = FrozenTail.from_cache(cache, preset("tiny").encoder)
+    host = next(iter(cache.train_reader(6, drop_last=False, dtype=None)))
+    clone = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in host.items()}
+    derived = next(device_batches(iter([host]), "cpu", torch.float32, targets=tail))
+    stored = next(device_batches(iter([clone]), "cpu", torch.float32))
+    x = stored["split_tokens"]                              # the encoder's own blocks, independently
+    with torch.no_grad():
+        for block in tiny_encoder().vit.blocks[2:]:
+            x = block(x)
+    torch.testing.assert_close(derived["features"], x[:, 1:], rtol=1e-6, atol=1e-6)
+    assert float((stored["features"] - x[:, 1:]).abs().max()) > 1e-4      # the stored target is not exact
+    with pytest.raises(CacheError, match="split_block=1"):
+        FrozenTail.from_cache(cache, preset("demo").encoder)

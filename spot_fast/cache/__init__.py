@@ -17,10 +17,11 @@ from spot_fast.cache.paths import CacheSpec, cache_base_dir
 from spot_fast.cache.resolve import resolve_cache
 from spot_fast.cache.sampler import epoch_batches, num_batches
 from spot_fast.cache.splits import CacheBuildConfig, CustomEncoder, SplitResult, build_splits
+from spot_fast.cache.tail import FrozenTail
 from spot_fast.cache.train_reader import TrainReader
 from spot_fast.cache.wds_reader import WdsReader
 
 __all__ = ["BuildResult", "Cache", "CacheBuildConfig", "CacheError", "CacheSpec", "CustomEncoder", "EvalReader",
-           "SplitResult", "TrainReader", "WdsReader", "build_cache", "build_splits", "cache_base_dir",
+           "FrozenTail", "SplitResult", "TrainReader", "WdsReader", "build_cache", "build_splits", "cache_base_dir",
            "device_batches", "epoch_batches", "find_cached", "num_batches", "open_cache", "read_manifest",
            "resolve_cache", "verify"]

@@ -13,7 +13,7 @@ for the batch that may overwrite it (two batches later).
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -22,7 +22,8 @@ from spot_fast.cache.codec import dequantize, scale_name
 TOKENS = ("features", "split_tokens")      # the entries cast to the compute dtype
 
 
-def _move(batch: dict, device: torch.device, dtype: torch.dtype, non_blocking: bool) -> dict:
+def _move(batch: dict, device: torch.device, dtype: torch.dtype, non_blocking: bool,
+          targets: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Every tensor of `batch` on `device` (tokens cast to `dtype` there, 8-bit tokens dequantised
     there with their `<name>_scale`, which the result no longer holds); other entries as they are."""
     out = {}
@@ -34,27 +35,30 @@ def _move(batch: dict, device: torch.device, dtype: torch.dtype, non_blocking: b
         if k in out:
             scale = out.pop(scale_name(k), None)
             out[k] = out[k].to(dtype) if scale is None else dequantize(out[k], scale, dtype)
+    if targets is not None and "split_tokens" in out:     # the stage-2 target from what the student reads
+        out["features"] = targets(out["split_tokens"]).to(dtype)
     return out
 
 
-def device_batches(batches: Iterable[dict], device: str | torch.device,
-                   dtype: torch.dtype = torch.float32) -> Iterator[dict]:
-    """`batches` with every tensor on `device` and the token tensors cast to `dtype` on the device."""
+def device_batches(batches: Iterable[dict], device: str | torch.device, dtype: torch.dtype = torch.float32,
+                   targets: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[dict]:
+    """`batches` with every tensor on `device` and the token tensors cast to `dtype` on the device.
+    `targets` (e.g. tail.FrozenTail): replaces `features` by targets(split_tokens), on the device."""
     device = torch.device(device)
     if device.type != "cuda":
         for batch in batches:
-            yield _move(batch, device, dtype, non_blocking=False)
+            yield _move(batch, device, dtype, non_blocking=False, targets=targets)
         return
-    yield from _cuda_batches(iter(batches), device, dtype)
+    yield from _cuda_batches(iter(batches), device, dtype, targets)
 
 
-def _cuda_batches(host: Iterator[dict], device: torch.device, dtype: torch.dtype) -> Iterator[dict]:
+def _cuda_batches(host: Iterator[dict], device: torch.device, dtype: torch.dtype, targets=None) -> Iterator[dict]:
     side = torch.cuda.Stream(device)
     copies: deque[torch.cuda.Event] = deque()      # copy events of the last two host batches
 
     def send(batch: dict) -> tuple[dict, torch.cuda.Event]:
         with torch.cuda.stream(side):
-            out = _move(batch, device, dtype, non_blocking=True)
+            out = _move(batch, device, dtype, non_blocking=True, targets=targets)
             event = torch.cuda.Event()
             event.record(side)
         copies.append(event)
