@@ -204,3 +204,13 @@ def test_targets_derived_on_the_device_are_tail_consistent(q8, dtype):
     assert float((stored["features"] - x[:, 1:]).abs().max()) > 1e-4      # the stored target is not exact
     with pytest.raises(CacheError, match="split_block=1"):
         FrozenTail.from_cache(cache, preset("demo").encoder)
+
+
+def test_compressed_8bit_cache_reads_the_same_as_uncompressed(q8, tmp_path):
+    """zstd-compressed zarr goes through the zarr API (ZarrSlabs) for tokens and scales alike."""
+    z = build_tiny(tmp_path / "z", n=6, dtype="int8", split_block=2, chunk_images=4, compression="zstd")
+    a = next(iter(open_cache(z.path, allow_random_init=True).train_reader(6, drop_last=False, dtype=None, seed=3)))
+    b = next(iter(open_cache(q8["zarr", "int8"], allow_random_init=True).train_reader(6, drop_last=False, dtype=None,
+                                                                                       seed=3)))
+    for k in ("features", "features_scale", "split_tokens", "split_tokens_scale", "index", "view"):
+        assert torch.equal(a[k], b[k]), k
