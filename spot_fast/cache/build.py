@@ -93,8 +93,8 @@ class _Builder:
             raise CacheError(f"the cache directory {out} is not writable: pass another --out")
         state = json.loads(state_file.read_text()) if state_file.is_file() else None
         if state is not None and state["content_key"] != self.key:
-            check_existing(self.spec, out)     # names the settings that differ, if it finished any shard
-            state = {"prepared": False}        # a failed start of other settings: start over
+            check_existing(self.spec, out)     # names the settings that differ, unless it never got going
+            state = {"prepared": False}        # a start of other settings that failed preparing: start over
         if state is None and any(out.iterdir()):
             raise CacheError(f"--out {out} is not empty and is not a spot-fast cache build: "
                              f"choose a new or empty directory")

@@ -184,9 +184,9 @@ def check_existing(spec: CacheSpec, path: str | os.PathLike) -> None:
         manifest = read_manifest(path)
         recorded, key, what = _recorded_spec(manifest), manifest["content_key"], "a cache"
     elif (path / BUILD_STATE).is_file():
-        if not has_finished_shards(path):
-            return              # a start that failed before any shard was finished: nothing to keep
         state = json.loads((path / BUILD_STATE).read_text())
+        if not state.get("prepared") and not has_finished_shards(path):
+            return              # a start that failed while preparing the folder: nothing to keep
         recorded, key, what = state.get("spec", {}), state.get("content_key"), "an unfinished build"
     else:
         return
