@@ -214,3 +214,25 @@ def test_compressed_8bit_cache_reads_the_same_as_uncompressed(q8, tmp_path):
                                                                                        seed=3)))
     for k in ("features", "features_scale", "split_tokens", "split_tokens_scale", "index", "view"):
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp16"])
+def test_stage2_batches_of_an_8bit_cache_carry_their_tail(q8, tmp_path, dtype):
+    """The trainer's data path (CacheBatches -> device_batches): on an 8-bit cache the stage-2 target is
+    the frozen tail of the split tokens the step reads; an fp16 cache keeps its stored final tokens."""
+    from spot_fast.train.data import CacheBatches
+    path = q8["zarr", "int8"] if dtype == "int8" else build_tiny(tmp_path / "c", n=6, split_block=2, chunk_images=4).path
+    cache = open_cache(path, allow_random_init=True)
+    data = CacheBatches(cache, 3, seed=0, rank=0, world_size=1, drop_last=True, split_tokens=True)
+    plain = CacheBatches(cache, 3, seed=0, rank=0, world_size=1, drop_last=True, split_tokens=False)
+    for b, p in zip(device_batches(data.epoch(1), "cpu"), device_batches(plain.epoch(1), "cpu")):
+        x = b["split_tokens"]
+        with torch.no_grad():
+            for block in tiny_encoder().vit.blocks[2:]:
+                x = block(x)
+        assert "targets" not in b and torch.equal(b["index"], p["index"])
+        if dtype == "int8":
+            torch.testing.assert_close(b["features"], x[:, 1:], rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(b["features"], p["features"])       # stored tokens, untouched
+    assert (data.targets is None) == (dtype == "fp16")

@@ -35,7 +35,10 @@ def _move(batch: dict, device: torch.device, dtype: torch.dtype, non_blocking: b
         if k in out:
             scale = out.pop(scale_name(k), None)
             out[k] = out[k].to(dtype) if scale is None else dequantize(out[k], scale, dtype)
+    targets = out.pop("targets", None) or targets         # a batch may carry its own (CacheBatches)
     if targets is not None and "split_tokens" in out:     # the stage-2 target from what the student reads
+        if isinstance(targets, torch.nn.Module):
+            targets.to(device)                             # once: a no-op when it is there already
         out["features"] = targets(out["split_tokens"]).to(dtype)
     return out
 
@@ -43,7 +46,8 @@ def _move(batch: dict, device: torch.device, dtype: torch.dtype, non_blocking: b
 def device_batches(batches: Iterable[dict], device: str | torch.device, dtype: torch.dtype = torch.float32,
                    targets: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[dict]:
     """`batches` with every tensor on `device` and the token tensors cast to `dtype` on the device.
-    `targets` (e.g. tail.FrozenTail): replaces `features` by targets(split_tokens), on the device."""
+    `targets` (e.g. tail.FrozenTail), or a batch's own "targets" entry: replaces `features` by
+    targets(split_tokens), on the device."""
     device = torch.device(device)
     if device.type != "cuda":
         for batch in batches:
