@@ -7,6 +7,8 @@
     check:  verify(path) -> problems
     splits: build_splits(CacheBuildConfig("coco", root, split="both", dtype="int8"))   (the CLI's build)
     paths:  resolve_cache(path, split="train")      (what `--cache PATH` accepts, on every command)
+    8-bit:  --dtype int8 | fp8 (codec.py): stored bytes + per-token scales, dequantised by device_batches;
+            FrozenTail.from_cache(cache, cfg): stage-2 targets derived on the device (tail.py)
 """
 from spot_fast.cache.build import BuildResult, build_cache, find_cached
 from spot_fast.cache.cache import Cache, open_cache
