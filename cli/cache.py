@@ -27,19 +27,6 @@ app = typer.Typer(no_args_is_help=True, cls=Group)
 DATASETS = ("coco", "voc", "movi", "folder", "synthetic")
 
 
-@contextlib.contextmanager
-def _resumable(out: Path):
-    """A failed write during a build (disk full, permissions) -> one message saying how to resume."""
-    from spot_fast.cache import CacheError
-    try:
-        yield
-    except OSError as e:
-        where = e.filename or out
-        raise CacheError(f"cannot write the cache ({where}): {e.strerror or e}. Finished shards are kept: "
-                         f"fix this (free space, permissions, or another --out) and rerun the same command "
-                         f"to resume.") from e
-
-
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -103,88 +90,32 @@ def _device(name: str):
     return dev
 
 
-def _splits(dataset: str, split: str) -> list[str]:
-    """The splits to build, refused up front when the dataset lacks one (a folder has no val)."""
-    from spot_fast.cache import CacheError
+def _build(dataset: str, root: Path, split: str, out: Path | None, preset_name: str | None,
+           encoder: str | None, image_size: int | None, split_block: int | None, device: str | None,
+           options: list[str], threads: int | None, **settings) -> None:
+    """The command's flags -> CacheBuildConfig -> build_splits; one report line per split."""
+    from spot_fast.cache import CacheBuildConfig, CacheError, build_splits
     from spot_fast.data.sources import SOURCES
+    from spot_fast.threads import configure_threads
+    configure_threads(threads)
     if split not in ("train", "val", "both"):
         raise CacheError(f"--split must be train, val or both, got {split!r}")
-    wanted = ["train", "val"] if split == "both" else [split]
     has = SOURCES[dataset].SPLITS
-    missing = [s for s in wanted if s not in has]
+    missing = [s for s in (["train", "val"] if split == "both" else [split]) if s not in has]
     if missing:
         raise CacheError(f"--split {split}: dataset {dataset} has no {' or '.join(missing)} split (it has no "
                          f"ground truth); use --split {' '.join(has)}")
-    return wanted
-
-
-def _build(dataset: str, root: Path, split: str, out: Path | None, preset_name: str | None,
-           encoder: str | None, image_size: int | None, weights: Path | None, random_init: bool, seed: int,
-           fmt: str, split_block: int | None, dtype: str, compress: str | None, chunk_images: int,
-           mask_size: int, mask_dtype: str, batch_size: int, num_workers: int | None, device: str | None,
-           autocast: str | None, options: list[str], progress: bool) -> None:
-    from spot_fast.cache import CacheError, CacheSpec
-    from spot_fast.cache.build import default_device, ranks_from_env
-    from spot_fast.encoders import FrozenEncoder, resolve_weights
-
-    if num_workers is None:
-        num_workers = min(4, len(os.sched_getaffinity(0)))
-    splits = _splits(dataset, split)
+    if settings["random_init"] and settings["weights"] is not None:
+        raise CacheError(f"--weights {settings['weights']} and --random-init exclude each other: pass one of them")
     cfg = _encoder_config(preset_name, encoder, image_size)
-    source_options = _parse_options(dataset, options)
-    if random_init and weights is not None:
-        raise CacheError(f"--weights {weights} and --random-init exclude each other: pass one of them")
-    resolved = resolve_weights(cfg, weights, random_init, seed)
-    dev = _device(device) if device else default_device()
-    ranks = ranks_from_env(dev)     # once for all splits; build_cache reuses the group
-    try:
-        todo = []       # every split is checked before any is encoded: a bad val never costs a train build
-        for name in splits:
-            spec = CacheSpec(dataset, str(root), name, cfg, resolved[1], split_block=split_block, dtype=dtype,
-                             format=fmt, chunk_images=chunk_images, compression=compress, mask_size=mask_size,
-                             mask_dtype=mask_dtype, autocast=autocast, source_options=source_options)
-            path = spec.default_path() if out is None else (out / name if split == "both" else out)
-            source = _open_split(spec, path)
-            if source is not None:
-                todo.append((spec, path, source))
-        model = FrozenEncoder.create(cfg, seed=seed, resolved=resolved) if todo else None
-        for spec, path, source in todo:
-            _build_split(spec, path, source, model, batch_size, num_workers, dev, progress)
-    finally:
-        ranks.close()
-
-
-def _open_split(spec, path: Path):
-    """None when `path` already holds this cache; else the split's source, opened and checked
-    (annotations, a sample of images), refused when `path` holds another cache."""
-    from spot_fast.cache import find_cached
-    from spot_fast.cache.paths import check_existing
-    from spot_fast.data.sources import check_readable, open_source
-
-    check_existing(spec, path)
-    if find_cached(spec, path) is not None:
-        _say(f"already cached: {path}")
-        return None
-    source = open_source(spec.dataset, spec.root, spec.split, image_size=spec.encoder.image_size,
-                         mask_size=spec.mask_size, **spec.source_options)
-    for warning in source.warnings:
-        _warn(warning)
-    check_readable(source)
-    return source
-
-
-def _build_split(spec, path: Path, source, model, batch_size: int, num_workers: int, device,
-                 progress: bool) -> None:
-    """Encode one split into `path`."""
-    from spot_fast.cache import build_cache
-
-    cfg = spec.encoder
-    _say(f"caching {spec.dataset} {spec.split}: {len(source)} images, encoder {cfg.name} "
-         f"({spec.weights_id[:19]}) -> {path}")
-    with _resumable(path):
-        result = build_cache(source, model, spec, path, batch_size=batch_size, num_workers=num_workers,
-                             device=device, progress=progress)
-    _report(result)
+    if split_block is None and preset_name:       # a preset's cache feeds that preset's stage 2
+        split_block = cfg.split_block
+    build = CacheBuildConfig(dataset, root, split=split, out=out, encoder=cfg, split_block=split_block,
+                             device=str(_device(device)) if device else None,
+                             source_options=_parse_options(dataset, options), **settings)
+    for done in build_splits(build, say=_say, warn=_warn).values():
+        if done.result is not None:
+            _report(done.result)
 
 
 def _warn(message: str) -> None:
@@ -230,7 +161,8 @@ def _make_build_command(dataset: str):
                                   + (" A folder has only train." if dataset == "folder" else "")),
         out: Optional[Path] = typer.Option(None, help="Cache directory (default: $SPOT_FAST_CACHE_DIR/"
                                            "<dataset>-<split>-<encoder>-<hash12>, base ~/.cache/spot-fast)."),
-        preset: Optional[str] = typer.Option(None, help="Take the encoder config of this preset (e.g. tiny)."),
+        preset: Optional[str] = typer.Option(None, help="Take the encoder config of this preset (e.g. tiny), "
+                                             "its split block included (unless --split-block)."),
         encoder: Optional[str] = typer.Option(None, help="Encoder name (default dino_vitb16)."),
         image_size: Optional[int] = typer.Option(None, callback=at_least(1), help="Input resolution, a "
                                                  "multiple of the patch size (default 224)."),
@@ -244,7 +176,8 @@ def _make_build_command(dataset: str):
         split_block: Optional[int] = typer.Option(None, callback=at_least(0), help="Also store the tokens "
                                                   "entering this block and the frozen tail weights (stage 2; "
                                                   "SPOT: 8)."),
-        dtype: str = typer.Option("fp16", help="Token storage: fp16 | bf16 | fp32."),
+        dtype: str = typer.Option("fp16", help="Token storage: fp16 | bf16 | fp32 | fp8 | int8 (8-bit: one "
+                                  "float32 scale per token, ~0.5x the bytes of fp16; see `cache info` for the error)."),
         compress: Optional[str] = typer.Option(None, help="zarr compression: zstd or zstd:<level>."),
         chunk_images: int = typer.Option(64, callback=at_least(1),
                                          help="Images per shard (zarr chunk / tar), >= 1."),
@@ -257,11 +190,14 @@ def _make_build_command(dataset: str):
         autocast: Optional[str] = typer.Option(None, help="Run the encoder under autocast: bf16 | fp16."),
         option: list[str] = typer.Option([], "--option", "-o", metavar="KEY=VALUE", help=_options_help(dataset)),
         progress: bool = typer.Option(True, metavar="", help="Show the progress bar."),
+        threads: Optional[int] = typer.Option(None, callback=at_least(1), help="Intra-op threads of the "
+                                              "encoder (default: the usable cores)."),
     ):
         on_interrupt(ctx, "finished shards are kept: rerun the same command to resume")
-        _build(dataset, root, split, out, preset, encoder, image_size, weights, random_init, seed, format,
-               split_block, dtype, compress, chunk_images, mask_size, mask_dtype, batch_size, num_workers,
-               device, autocast, option, progress)
+        _build(dataset, root, split, out, preset, encoder, image_size, split_block, device, option, threads,
+               weights=weights, random_init=random_init, seed=seed, format=format, dtype=dtype,
+               compression=compress, chunk_images=chunk_images, mask_size=mask_size, mask_dtype=mask_dtype,
+               batch_size=batch_size, num_workers=num_workers, autocast=autocast, progress=progress)
 
     command.__doc__ = f"Encode {dataset} images once with the frozen ViT and store the tokens."
     return command
@@ -297,9 +233,45 @@ def _ground_truth_note(spec: dict) -> str:
     return f"[red]{text}: EMPTY GROUND TRUTH[/red]" if gt["images_with_objects"] == 0 else text
 
 
+def _bytes_per_image(m: dict) -> str:
+    """Token bytes per image as stored (scales included; before any compression)."""
+    import numpy as np
+    tokens = ("features", "split_tokens", "features_scale", "split_tokens_scale")
+    total = sum(int(np.prod(a["shape"][1:])) * np.dtype(a["dtype"]).itemsize
+                for name, a in m["arrays"].items() if name in tokens)
+    return f"{total:,} token bytes per image ({m['views']} view{'s' if m['views'] > 1 else ''}, scales included)"
+
+
+def _error_rows(m: dict) -> list[tuple[str, str]]:
+    """The stored tokens' error against the encoder's fp32 output, and stage-2 tail consistency."""
+    errors = m.get("stored_error")
+    if not errors:
+        return [("stored error", "not recorded (built by an older spot-fast)")]
+    names = {"final": "final tokens", "split": "split tokens"}
+    rows = [(f"error {names[k]}", f"relative RMS {e['rel_rms']:.2e}, max |error| {e['max_abs']:.2e} "
+             f"(max |value| {e['max_ref']:.3g}), worst token {e['max_token_rel']:.2e} relative")
+            for k, e in errors.items() if k in names]
+    if "tail" in errors:
+        e = errors["tail"]
+        rows.append(("tail consistency", f"frozen tail(stored split) vs stored final: relative RMS {e['rel_rms']:.2e}, "
+                     f"max |difference| {e['max_abs']:.2e} ({e['tokens']} tokens measured)"))
+    return rows
+
+
 @app.command(cls=Command)
-def info(path: Path = typer.Argument(..., help="Cache directory.")):
-    """Print what a cache holds (its manifest) as a table."""
+def info(path: Path = typer.Argument(..., help="Cache directory, or a --split both folder.")):
+    """Print what a cache holds (its manifest) as a table; both splits of a --split both folder."""
+    from spot_fast.cache.resolve import SPLITS
+    from spot_fast.cache.manifest import MANIFEST
+    if not (path / MANIFEST).is_file() and any((path / s / MANIFEST).is_file() for s in SPLITS):
+        for s in SPLITS:
+            if (path / s).exists():
+                _info_table(path / s)
+        return
+    _info_table(path)
+
+
+def _info_table(path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -327,7 +299,8 @@ def info(path: Path = typer.Argument(..., help="Cache directory.")):
         ("arrays", ", ".join(f"{k} {tuple(v['shape'])} {v['dtype']}" for k, v in m["arrays"].items())),
         ("images", f"{c['images']} stored of {c['source_images']}, {c['skipped']} skipped"),
         ("shards", f"{c['shards']} x {m['chunk_images']} images"),
-        ("size", _size(Path(path))),
+        ("size", f"{_size(Path(path))} on disk; {_bytes_per_image(m)}"),
+        *_error_rows(m),
         ("spot-fast", m["spot_fast_version"]),
         ("content key", m["content_key"]),
     ]

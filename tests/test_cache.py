@@ -326,9 +326,10 @@ def test_cli_reports_missing_cache_without_traceback(tmp_path):
 
 
 def test_cli_already_cached_does_no_work(tmp_path):
-    """The content key of the CLI's spec equals the API's: the rerun stops before opening the dataset."""
+    """The content key of the CLI's spec equals the API's: the rerun stops before opening the dataset.
+    `--preset tiny` includes the preset's split block (2), so the API cache has it too."""
     out = tmp_path / "c"
-    spec = tiny_spec(tmp_path / "data", dataset="folder")
+    spec = tiny_spec(tmp_path / "data", dataset="folder", split_block=2)
     build_cache(FakeSource(3), tiny_encoder(), spec, out, device="cpu", progress=False)
     res = _cli("folder", "--root", tmp_path / "data", "--split", "train", "--preset", "tiny", "--random-init",
                "--chunk-images", 4, "--mask-size", 16, "--out", out)
@@ -346,7 +347,7 @@ def test_cli_missing_weights_says_where_to_put_them(tmp_path, monkeypatch):
 
 
 def test_cli_bad_options_are_one_line(tmp_path):
-    for args, expect in [(["--format", "hdf5"], "--format"), (["--dtype", "int8"], "--dtype"),
+    for args, expect in [(["--format", "hdf5"], "--format"), (["--dtype", "int4"], "--dtype"),
                          (["--encoder", "resnet"], "unknown encoder"), (["--split-block", "9"], "--split-block 9"),
                          (["--split", "test"], "--split")]:
         res = _cli("coco", "--root", tmp_path, "--preset", "tiny", "--random-init", *args)

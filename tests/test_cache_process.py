@@ -47,9 +47,10 @@ def assert_same_tree(a: Path, b: Path) -> None:
 
 
 
-@pytest.mark.parametrize("fmt", ["zarr", "wds"])
-def test_killed_build_resumes_to_identical_bytes(tmp_path, fmt):
-    args = {"n": 14, "bad": [6], "format": fmt, "split_block": 2, "split": "val" if fmt == "wds" else "train"}
+@pytest.mark.parametrize("fmt, dtype", [("zarr", "fp16"), ("wds", "fp16"), ("zarr", "int8"), ("wds", "fp8")])
+def test_killed_build_resumes_to_identical_bytes(tmp_path, fmt, dtype):
+    args = {"n": 14, "bad": [6], "format": fmt, "split_block": 2, "split": "val" if fmt == "wds" else "train",
+            "dtype": dtype}
     out = tmp_path / "resumed"
     proc = subprocess.run([sys.executable, str(SCRIPT), json.dumps({"out": str(out), **args})],
                           env={**os.environ, FAIL_AFTER_ENV: "2", "OMP_NUM_THREADS": "1"},
@@ -72,8 +73,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_rank_build_equals_one_rank_build(tmp_path):
-    args = {"n": 18, "bad": [3], "split_block": 2, "chunk_images": 4, "out": str(tmp_path / "two")}
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_two_rank_build_equals_one_rank_build(tmp_path, dtype):
+    args = {"n": 18, "bad": [3], "split_block": 2, "chunk_images": 4, "out": str(tmp_path / "two"), "dtype": dtype}
     port = str(_free_port())
     procs = [run_build(args, env={"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}, wait=False) for r in range(2)]

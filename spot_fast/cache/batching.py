@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from spot_fast.cache.layout import MASK_NAMES
-from spot_fast.cache.manifest import from_stored
+from spot_fast.cache.codec import from_stored, scale_name
 
 
 def rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -95,12 +95,18 @@ class Rows:
 
 
 def to_batch(rows: Rows, dtype: str, image_id: Callable, pin: bool, out: torch.dtype | None = torch.float32) -> dict:
-    """Stored rows -> the batch dict: tokens as `out` (float32; None keeps fp16/bf16), int64
-    index/view, masks as tensors. Token tensors are allocated pinned when `pin`."""
-    batch = {}
-    for name, v in rows.cols.items():
+    """Stored rows -> the batch dict: tokens as `out` (float32; None keeps the stored dtype, and an
+    8-bit cache's `<name>_scale` float32 beside them), int64 index/view, masks as tensors. Token
+    tensors are allocated pinned when `pin`."""
+    batch, cols = {}, rows.cols
+    for name, v in cols.items():
         if name in ("features", "split_tokens"):
-            batch[name] = from_stored(v, dtype, out, pin_memory=pin)
+            scale = cols.get(scale_name(name))
+            batch[name] = from_stored(v, dtype, out, pin_memory=pin, scale=scale)
+            if scale is not None and out is None:
+                batch[scale_name(name)] = torch.from_numpy(np.ascontiguousarray(scale, np.float32))
+        elif name.endswith("_scale"):
+            continue
         elif name in ("index", "view"):
             batch[name] = torch.from_numpy(np.asarray(v, np.int64))
         elif name in MASK_NAMES:

@@ -18,7 +18,6 @@ by all ranks (one machine, or a shared file system).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -30,58 +29,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from spot_fast import __version__
 from spot_fast.cache import zarr_store
-from spot_fast.cache.layout import MASK_NAMES, Shard, array_specs, shard_bounds
+from spot_fast.cache.build_io import BuildProgress, SourceItems, list_collate, mask_array, save_tail
 from spot_fast.cache.checks import fast_hash
-from spot_fast.cache.manifest import (BUILD_STATE, MANIFEST, MASK_DTYPES, SCHEMA_VERSION, SHARD_MARKERS,
-                                      TAIL_FILE, CacheError, read_manifest, shard_owner,
-                                      to_stored, write_json_atomic, write_manifest)
+from spot_fast.cache.codec import TOKEN_ARRAYS, merge_stats
+from spot_fast.cache.encode import BatchEncoder
+from spot_fast.cache.layout import MASK_NAMES, SCALE_NAMES, Shard, array_specs, shard_bounds
+from spot_fast.cache.manifest import (BUILD_STATE, MANIFEST, SHARD_MARKERS, TAIL_FILE, CacheError, read_manifest,
+                                      shard_owner, write_json_atomic)
+from spot_fast.cache.merge import merge, rounded
 from spot_fast.cache.paths import CacheSpec, check_existing, encoder_description
 from spot_fast.cache.ranks import ERRORS, Ranks, default_device, ranks_from_env
 from spot_fast.cache.writer import ShardWriter, remove_temporaries
-from spot_fast.data.base import BadImage, Source
-from spot_fast.encoders import FrozenEncoder, file_sha256
-
-# ----------------------------------------------------------------------------- reading the source
-
-class _SourceItems(Dataset):
-    """Source rows as plain dicts for a DataLoader; BadImage becomes a 'bad' entry, never an error."""
-
-    def __init__(self, source: Source, split: str):
-        self.source, self.split = source, split
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> dict:
-        src = self.source
-        try:
-            if self.split == "train":
-                item = {"views": src.train_views(i)}
-            else:
-                s = src.val_sample(i)
-                item = {"views": s.image[None], "jpeg": s.jpeg, "instance_mask": s.instance_mask,
-                        "class_mask": s.class_mask, "ignore_mask": s.ignore_mask}
-        except BadImage as e:
-            return {"index": i, "bad": {"index": i, "path": e.path, "reason": e.reason}}
-        return {"index": i, "id": src.image_id(i), **item}
-
-
-def _list_collate(items: list[dict]) -> list[dict]:
-    return items
-
-
-def _mask_array(mask: torch.Tensor, dtype: str, what: str, image_id) -> np.ndarray:
-    info = np.iinfo(MASK_DTYPES[dtype])
-    lo, hi = int(mask.min()), int(mask.max())
-    if lo < info.min or hi > info.max:
-        raise CacheError(f"image {image_id}: {what} values {lo}..{hi} do not fit --mask-dtype {dtype}; "
-                         f"rerun with --mask-dtype int16")
-    return mask.numpy().astype(MASK_DTYPES[dtype])
-
+from spot_fast.data.base import Source
+from spot_fast.encoders import FrozenEncoder
 
 # ----------------------------------------------------------------------------- the build
 
@@ -109,8 +72,8 @@ class _Builder:
         cfg = spec.encoder
         self.views = source.num_views if spec.split == "train" else 1
         self.num_rows = len(source)
-        self.num_patches, self.dim = cfg.num_patches, cfg.feature_dim
-        self.num_tokens = None if spec.split_block is None else encoder.num_prefix_tokens + cfg.num_patches
+        self.encode = BatchEncoder(encoder, spec, device, self.views, source.name)
+        self.num_patches, self.dim, self.num_tokens = cfg.num_patches, cfg.feature_dim, self.encode.num_tokens
         self.specs = array_specs(num_rows=self.num_rows, views=self.views, num_patches=self.num_patches,
                                  num_tokens=self.num_tokens, dim=self.dim, dtype=spec.dtype,
                                  with_val=spec.split == "val", mask_size=spec.mask_size,
@@ -130,7 +93,8 @@ class _Builder:
             raise CacheError(f"the cache directory {out} is not writable: pass another --out")
         state = json.loads(state_file.read_text()) if state_file.is_file() else None
         if state is not None and state["content_key"] != self.key:
-            check_existing(self.spec, out)     # names the settings that differ
+            check_existing(self.spec, out)     # names the settings that differ, unless it never got going
+            state = {"prepared": False}        # a start of other settings that failed preparing: start over
         if state is None and any(out.iterdir()):
             raise CacheError(f"--out {out} is not empty and is not a spot-fast cache build: "
                              f"choose a new or empty directory")
@@ -145,7 +109,7 @@ class _Builder:
             zarr_store.create(out, self.specs, self.spec.chunk_images, self.spec.zstd_level(),
                               attrs={"spot_fast_cache": True, "content_key": self.key})
         if self.spec.split_block is not None:
-            _save_tail(out / TAIL_FILE, self.encoder.tail_state(self.spec.split_block),
+            save_tail(out / TAIL_FILE, self.encoder.tail_state(self.spec.split_block),
                        {"weights": self.spec.weights_id, "split_block": self.spec.split_block})
         (out / SHARD_MARKERS).mkdir(exist_ok=True)
         write_json_atomic(state_file, {"content_key": self.key, "spec": self.spec.to_dict(), "prepared": True})
@@ -156,13 +120,13 @@ class _Builder:
     # -- encoding -------------------------------------------------------------------------
     def build(self, result: BuildResult) -> None:
         """Encode and write this rank's unfinished shards."""
-        mine = range(self.ranks.rank, len(self.bounds), self.ranks.world)
+        mine = range(self.ranks.rank, len(self.bounds), self.ranks.world_size)
         todo = self.todo(mine, result)
         result.shards_resumed = len(mine) - len(todo)
         try:
             self.run(todo, result)
         except BaseException:
-            if self.ranks.world == 1:
+            if self.ranks.world_size == 1:
                 remove_temporaries(self.out)
             raise
 
@@ -200,47 +164,6 @@ class _Builder:
             out += [list(range(b, min(b + self.batch_size, stop))) for b in range(start, stop, self.batch_size)]
         return out
 
-    def encode(self, items: list[dict]) -> dict[str, np.ndarray]:
-        """Stored-dtype token arrays of the good items of one batch."""
-        first = items[0]["views"]
-        views = torch.empty((len(items), *first.shape), dtype=first.dtype,
-                            pin_memory=self.device.type == "cuda")     # pinned once, after stacking
-        torch.stack([it["views"] for it in items], out=views)            # (B, V, 3, S, S)
-        b, v = views.shape[:2]
-        if v != self.views:
-            raise CacheError(f"source {self.source.name!r} gave {v} views for image {items[0]['id']}, "
-                             f"but says num_views = {self.views}")
-        x = views.flatten(0, 1).to(self.device, non_blocking=True)    # (B*V, 3, S, S)
-        autocast = contextlib.nullcontext()
-        if self.spec.autocast is not None:
-            dt = torch.bfloat16 if self.spec.autocast == "bf16" else torch.float16
-            autocast = torch.autocast(self.device.type, dtype=dt)
-        with torch.inference_mode(), autocast:
-            tokens = self.encoder(x, split_block=self.spec.split_block)
-        out = {}
-        if self.num_tokens is not None:     # checked first: the earlier layer names where a NaN began
-            out["split_tokens"] = self.stored(tokens.split.reshape(b, v, self.num_tokens, self.dim), items,
-                                              f"split (input of block {self.spec.split_block})")
-        out["features"] = self.stored(tokens.final.reshape(b, v, self.num_patches, self.dim), items, "final")
-        return out
-
-    def stored(self, tokens: torch.Tensor, items: list[dict], layer: str) -> np.ndarray:
-        """(B, V, L, D) tokens in the stored dtype; CacheError naming the image and layer if any value is
-        not finite after the cast (NaN/inf from the encoder, or beyond fp16's range)."""
-        a = to_stored(tokens, self.spec.dtype)
-        finite = torch.isfinite(tokens).flatten(1).all(1).cpu()
-        if self.spec.dtype == "fp16":
-            finite &= torch.from_numpy(np.isfinite(a).reshape(len(a), -1).all(1))
-        if bool(finite.all()):
-            return a
-        i = int((~finite).nonzero()[0, 0])
-        src = "non-finite values (NaN/inf)" if not torch.isfinite(tokens[i]).all() else \
-            "values beyond fp16's range (|x| > 65504), inf once stored as fp16"
-        fix = "store with --dtype bf16 or fp32" if "fp16" in src else "check the encoder weights (--weights)"
-        raise CacheError(f"image {items[i]['id']} (row {items[i]['index']}) of dataset {self.spec.dataset}: "
-                         f"the encoder's {layer} tokens hold {src}; nothing is stored for it: {fix}, then "
-                         f"rerun the same command to resume")
-
     def _stack(self, name: str, arrays: list[np.ndarray]) -> np.ndarray:
         """Concatenate along rows; an empty (0, ...) array of the layout's shape when there is nothing."""
         if arrays:
@@ -248,15 +171,17 @@ class _Builder:
         spec = self.specs[name]
         return np.zeros((0, *spec["shape"][1:]), spec["dtype"])
 
-    def shard_from(self, k: int, good: list[dict], parts: list[dict], skipped: list[dict]) -> Shard:
-        """The finished shard k from its good items, their encoded parts and its skipped images."""
+    def shard_from(self, k: int, good: list[dict], parts: list[tuple[dict, dict]], skipped: list[dict]) -> Shard:
+        """The finished shard k from its good items, their encoded (arrays, stats) and its skipped images."""
         start, stop = self.bounds[k]
         shard = Shard(k, start, stop, np.array([it["index"] for it in good], np.int64),
-                      [str(it["id"]) for it in good], self._stack("features", [p["features"] for p in parts]),
-                      skipped=skipped,
+                      [str(it["id"]) for it in good], skipped=skipped,
                       int_ids=bool(good) and all(isinstance(it["id"], (int, np.integer)) for it in good))
-        if self.num_tokens is not None:
-            shard.split_tokens = self._stack("split_tokens", [p["split_tokens"] for p in parts])
+        for name in (*TOKEN_ARRAYS, *SCALE_NAMES):
+            if name in self.specs:
+                setattr(shard, name, self._stack(name, [arrays[name] for arrays, _ in parts]))
+        layers = dict.fromkeys(layer for _, stats in parts for layer in stats)
+        shard.stats = {layer: rounded(merge_stats([st[layer] for _, st in parts if layer in st])) for layer in layers}
         if self.spec.split == "val":
             m = self.spec.mask_size
             for name in MASK_NAMES:
@@ -266,7 +191,7 @@ class _Builder:
                         raise CacheError(f"source {self.source.name!r} gave a {tuple(it[name].shape)} {name} "
                                          f"for image {it['id']}, expected ({m}, {m}) (--mask-size)")
                     dtype = "uint8" if name == "ignore_mask" else self.spec.mask_dtype
-                    arrays.append(_mask_array(it[name], dtype, name, it["id"])[None])
+                    arrays.append(mask_array(it[name], dtype, name, it["id"])[None])
                 setattr(shard, name, self._stack(name, arrays))
             shard.jpeg = [it["jpeg"] for it in good]
         return shard
@@ -274,13 +199,13 @@ class _Builder:
     def run(self, shards: list[int], result: BuildResult) -> None:
         """Encode `shards` (in order) and hand each finished one to the writer thread."""
         batches = self.batches(shards)
-        loader = DataLoader(_SourceItems(self.source, self.spec.split), batch_sampler=batches,
-                            num_workers=self.num_workers, collate_fn=_list_collate)
+        loader = DataLoader(SourceItems(self.source, self.spec.split), batch_sampler=batches,
+                            num_workers=self.num_workers, collate_fn=list_collate)
         total = sum(self.bounds[k][1] - self.bounds[k][0] for k in shards)
         items = iter(loader)            # fork the decode workers before any thread of ours starts
         writer = ShardWriter(self)
-        bar = _Progress(total, enabled=self.progress and self.ranks.rank == 0,
-                        label=f"rank 0/{self.ranks.world}" if self.ranks.world > 1 else "encoding")
+        bar = BuildProgress(total, enabled=self.progress and self.ranks.rank == 0,
+                        label=f"rank 0/{self.ranks.world_size}" if self.ranks.world_size > 1 else "encoding")
         pending = Counter(b[0] // self.spec.chunk_images for b in batches)    # batches left per shard
         good, parts, skipped = [], [], []
         try:
@@ -294,7 +219,7 @@ class _Builder:
                     ok = [it for it in batch if "bad" not in it]
                     bad = [it["bad"] for it in batch if "bad" in it]
                     if ok:
-                        parts.append(self.encode(ok))
+                        parts.append(self.encode(ok, first_of_shard=not parts))
                     good += ok
                     skipped += bad
                     result.images_built += len(ok)
@@ -309,53 +234,6 @@ class _Builder:
             writer.stop()
 
     # -- merging --------------------------------------------------------------------------
-    def merge(self) -> dict:
-        """Rank 0, after all ranks are done: the manifest from the shard markers."""
-        shards, skipped, int_ids = [], [], True
-        for k in range(len(self.bounds)):
-            if not self.marker(k).is_file():
-                raise CacheError(f"shard {k} of {self.out} was not built (a build process failed?): "
-                                 f"rerun the same command to finish it")
-            m = json.loads(self.marker(k).read_text())
-            shards.append({key: m[key] for key in ("index", "start", "stop", "images", "files", "xxh3")})
-            skipped += m["skipped"]
-            int_ids &= m["int_ids"] or m["images"] == 0
-        meta = ["zarr.json"] + [f"{n}/zarr.json" for n in self.specs] if self.spec.format == "zarr" else []
-        if self.spec.split_block is not None:
-            meta.append(TAIL_FILE)
-        spec, cfg = self.spec, self.spec.encoder
-        stored = sum(s["images"] for s in shards)
-        manifest = {
-            "schema_version": SCHEMA_VERSION, "complete": True, "spot_fast_version": __version__,
-            "content_key": self.key, "dataset": spec.dataset, "root": spec.root, "split": spec.split,
-            "source_options": spec.source_options, "content": spec.content, "format": spec.format,
-            "encoder": encoder_description(cfg), "weights": spec.weights_id, "random_init": spec.random_init,
-            "image_size": cfg.image_size, "patch_size": cfg.spec.patch_size,
-            "grid": [cfg.grid_size, cfg.grid_size], "num_patches": cfg.num_patches, "feature_dim": cfg.feature_dim,
-            "num_prefix_tokens": self.encoder.num_prefix_tokens,
-            "views": self.views, "views_spec": self.source.views_spec(),
-            "layers": {"final": f"output of block {cfg.spec.depth - 1}, no final norm, CLS/registers dropped",
-                       "split_block": spec.split_block,
-                       "split_tokens": None if spec.split_block is None else
-                       f"input of block {spec.split_block}, CLS/registers kept"},
-            "dtype": spec.dtype, "autocast": spec.autocast,
-            "stored_dtype": self.specs["features"]["dtype"] + (" (bfloat16 bits)" if spec.dtype == "bf16" else ""),
-            "mask_size": spec.mask_size if spec.split == "val" else None,
-            "mask_dtype": spec.mask_dtype if spec.split == "val" else None,
-            "chunk_images": spec.chunk_images, "compression": spec.compression,
-            "image_id_type": "int" if int_ids else "str",
-            "counts": {"source_images": self.num_rows, "images": stored, "skipped": len(skipped),
-                       "shards": len(shards)},
-            "skipped": sorted(skipped, key=lambda s: s["index"]),
-            "arrays": self.specs,
-            "files": {rel: file_sha256(self.out / rel) for rel in meta},
-            "shards": shards,
-        }
-        write_manifest(self.out, manifest)
-        shutil.rmtree(self.out / SHARD_MARKERS, ignore_errors=True)
-        shutil.rmtree(self.out / ERRORS, ignore_errors=True)
-        (self.out / BUILD_STATE).unlink(missing_ok=True)
-        return manifest
 
 
 def _failure(step) -> BaseException | None:
@@ -365,47 +243,6 @@ def _failure(step) -> BaseException | None:
     except BaseException as e:    # noqa: BLE001 -- handed to Ranks.sync, which re-raises it
         return e
     return None
-
-
-def _save_tail(path: Path, state: dict[str, torch.Tensor], info: dict) -> None:
-    """The tail weights as safetensors. Metadata is ONE key: safetensors writes its metadata map in
-    hash order, which differs between processes when there are several keys (not byte-stable)."""
-    from safetensors.torch import save_file
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
-              metadata={"spot_fast": json.dumps(info, sort_keys=True)})
-    os.replace(tmp, path)
-
-
-class _Progress:
-    """A rich progress bar with images/s, ETA and the skipped count (rank 0 only)."""
-
-    def __init__(self, total: int, enabled: bool, label: str):
-        self.enabled, self.total, self.label = enabled, total, label
-        self.skipped, self.done, self.t0 = 0, 0, time.perf_counter()
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[rate]:.1f} img/s"), TextColumn("ETA"),
-                                TimeRemainingColumn(), TimeElapsedColumn(),
-                                TextColumn("skipped {task.fields[skipped]}"))
-            self.bar.start()
-            self.task = self.bar.add_task(self.label, total=self.total, rate=0.0, skipped=0)
-        return self
-
-    def advance(self, n: int, skipped: int) -> None:
-        self.done += n
-        self.skipped += skipped
-        if self.enabled:
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.update(self.task, advance=n, rate=rate, skipped=self.skipped)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.stop()
 
 
 def find_cached(spec: CacheSpec, out: str | os.PathLike | None = None) -> Path | None:
@@ -452,9 +289,9 @@ def build_cache(source: Source, encoder: FrozenEncoder, spec: CacheSpec, out: st
         result = BuildResult(out, None)
         ranks.sync(out, _failure(lambda: builder.build(result)))
 
-        def merge():
-            result.manifest = builder.merge()
-        ranks.sync(out, _failure(merge) if ranks.rank == 0 else None)
+        def finish():
+            result.manifest = merge(builder)
+        ranks.sync(out, _failure(finish) if ranks.rank == 0 else None)
     finally:
         ranks.close()
     result.seconds = time.perf_counter() - t0

@@ -27,13 +27,27 @@ def fast_hash(path: str | os.PathLike) -> str:
             return xxhash.xxh3_64(m).hexdigest()
 
 
+def signature(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """(size, mtime_ns, inode) of a file, or None when it is missing: a rewrite changes one of them."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
 class FirstReadCheck:
-    """Hash each file once per process before it is read; thread-safe, each file hashed by one thread."""
+    """Hash each file once per process before it is read; thread-safe, each file hashed by one thread.
+
+    A file already checked is stat'ed on every later `ensure` (a reader calls it when it opens, so
+    every epoch): when its size, mtime or inode changed -- a shard rewritten under a running job --
+    it is refused, since the bytes this process maps may no longer be the checked ones."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._done: dict[tuple[str, str], threading.Event] = {}
         self._bad: dict[tuple[str, str], str] = {}
+        self._stat: dict[tuple[str, str], tuple | None] = {}
 
     def ensure(self, cache: Path, files: list[tuple[str, str, str]]) -> None:
         """files: (relative path, expected hash, owner such as "shard 3 (images 12..15)"). The hash is
@@ -54,9 +68,15 @@ class FirstReadCheck:
                 event.wait()
             if key in self._bad:
                 raise CacheError(self._bad[key])
+            if not mine and signature(cache / rel) != self._stat.get(key):
+                raise CacheError(f"cache {cache}: {owner}: {rel} changed on disk while this process was reading "
+                                 f"the cache (rewritten or deleted by another process?); run `spot-fast cache "
+                                 f"verify {cache}`, and rebuild the cache if it reports damage (delete it and "
+                                 f"rerun its build command), then restart the job")
 
     def _check(self, cache: Path, rel: str, expected: str, owner: str, key) -> None:
         file = cache / rel
+        self._stat[key] = signature(file)       # before hashing: a rewrite during the hash shows later
         if not file.is_file():
             problem = "is missing"
         elif (fast_hash(file) if len(expected) == 16 else file_sha256(file)) != expected:

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from spot_fast.cache.batching import Rows, prefetched, to_batch
-from spot_fast.cache.cache import Cache
+from spot_fast.cache.codec import scale_name
+from spot_fast.cache.store import CacheStore
 from spot_fast.cache.layout import MASK_NAMES
 
 
@@ -17,9 +18,11 @@ class EvalReader:
     Yields dict(features (B, N, D) float32, split_tokens if present and wanted, image_id list,
     index (B,), view (B,) zeros, and for val caches instance_mask/class_mask (B, M, M) int64,
     ignore_mask (B, M, M) uint8, jpeg list[bytes]). Train caches give view 0 of each image.
+    `dtype=None` keeps the stored dtype; for an 8-bit cache the batch then also holds
+    `features_scale` (B, N, 1) float32 (and `split_tokens_scale`): `device_batches` dequantises.
     """
 
-    def __init__(self, cache: Cache, batch_size: int, *, split_tokens: bool | None = None,
+    def __init__(self, cache: CacheStore, batch_size: int, *, split_tokens: bool | None = None,
                  dtype: torch.dtype | None = torch.float32, pin_memory: bool = False, prefetch: int = 2):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -31,13 +34,14 @@ class EvalReader:
         return -(-self.cache.num_images // self.batch_size)
 
     def _read(self, k: int) -> Rows:
-        names = ("features", *(("split_tokens",) if self.split_tokens else ()), *MASK_NAMES, "jpeg")
+        tokens = ("features", *(("split_tokens",) if self.split_tokens else ()))
+        names = (*tokens, *map(scale_name, tokens), *MASK_NAMES, "jpeg")
         shard = self.cache.read_shard(k, names)
         zero = np.zeros(len(shard), np.int64)
-        cols = {"index": shard.rows, "view": zero, "image_id": shard.image_ids,
-                "features": _pick_view(shard.features, zero)}
-        if self.split_tokens:
-            cols["split_tokens"] = _pick_view(shard.split_tokens, zero)
+        cols = {"index": shard.rows, "view": zero, "image_id": shard.image_ids}
+        for name in (*tokens, *map(scale_name, tokens)):
+            if getattr(shard, name) is not None:
+                cols[name] = _pick_view(getattr(shard, name), zero)
         if self.cache.has_masks:
             cols.update({n: getattr(shard, n) for n in MASK_NAMES})
             cols["jpeg"] = shard.jpeg

@@ -5,6 +5,9 @@ chunk size. Arrays (n = images in the source, V views, N patches, T = prefix + N
 
     features      (n, V, N, D)  final tokens, no final norm, CLS/registers dropped
     split_tokens  (n, V, T, D)  tokens entering block `split_block`, CLS/registers kept (optional)
+  8-bit caches (--dtype fp8 | int8, codec.py) also hold, per token array:
+    features_scale      (n, V, N, 1) float32: the scale of each token row
+    split_tokens_scale  (n, V, T, 1) float32
     image_id      (n,)          str
     valid         (n,)          uint8: 0 where the image was skipped (BadImage); its row is zeros
   val split only (V = 1):
@@ -22,9 +25,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from spot_fast.cache.manifest import MASK_DTYPES, STORED_NUMPY
+from spot_fast.cache.codec import STORED_NUMPY, is_quantized, scale_name
+from spot_fast.cache.manifest import MASK_DTYPES
 
 MASK_NAMES = ("instance_mask", "class_mask", "ignore_mask")
+SCALE_NAMES = ("features_scale", "split_tokens_scale")
+NUMERIC = ("features", "split_tokens", *SCALE_NAMES, *MASK_NAMES)    # the per-image numeric arrays
 
 
 def array_specs(*, num_rows: int, views: int, num_patches: int, num_tokens: int | None, dim: int,
@@ -34,6 +40,9 @@ def array_specs(*, num_rows: int, views: int, num_patches: int, num_tokens: int 
     specs = {"features": {"shape": [num_rows, views, num_patches, dim], "dtype": stored}}
     if num_tokens is not None:
         specs["split_tokens"] = {"shape": [num_rows, views, num_tokens, dim], "dtype": stored}
+    if is_quantized(dtype):
+        for name in list(specs):
+            specs[scale_name(name)] = {"shape": [*specs[name]["shape"][:3], 1], "dtype": "float32"}
     specs["image_id"] = {"shape": [num_rows], "dtype": "str"}
     specs["valid"] = {"shape": [num_rows], "dtype": "uint8"}
     if with_val:
@@ -60,11 +69,14 @@ class Shard:
     image_ids: list[str]
     features: np.ndarray | None = None     # (n, V, N, D); None when not read
     split_tokens: np.ndarray | None = None  # (n, V, T, D)
+    features_scale: np.ndarray | None = None      # (n, V, N, 1) float32, 8-bit caches only
+    split_tokens_scale: np.ndarray | None = None  # (n, V, T, 1) float32, 8-bit caches only
     instance_mask: np.ndarray | None = None  # (n, M, M)
     class_mask: np.ndarray | None = None
     ignore_mask: np.ndarray | None = None
     jpeg: list[bytes] | None = None
     skipped: list[dict] = field(default_factory=list)   # {"index", "path", "reason"}
+    stats: dict = field(default_factory=dict)   # layer -> stored-token error sums (encode.py)
     int_ids: bool = False                 # every image id was an int (restored as int on reading)
 
     def __len__(self) -> int:

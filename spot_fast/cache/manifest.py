@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from spot_fast.encoders import file_sha256
 from spot_fast.errors import UserError
@@ -23,33 +22,11 @@ TAIL_FILE = "tail.safetensors"     # frozen blocks >= split_block + final norm (
 BUILD_STATE = ".build.json"      # present while a build is unfinished: its content key and spec
 SHARD_MARKERS = ".shards"        # one JSON per finished shard (checksums); merged into the manifest
 
-# Stored dtypes of the token arrays. zarr and numpy have no bfloat16: bf16 is stored as its
-# raw uint16 bits and the manifest records "bf16".
-STORED_NUMPY = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}
 MASK_DTYPES = {"uint8": np.uint8, "int16": np.int16}
 
 
 class CacheError(UserError):
     """A problem the user can fix (wrong cache for this model, bad path, incomplete build)."""
-
-
-def to_stored(t: torch.Tensor, dtype: str) -> np.ndarray:
-    """A float tensor (any device) -> numpy array in the cache's stored dtype."""
-    if dtype == "bf16":
-        return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-    return t.to(torch.float16 if dtype == "fp16" else torch.float32).cpu().numpy()
-
-
-def from_stored(a: np.ndarray, dtype: str, out: torch.dtype | None = torch.float32,
-                pin_memory: bool = False) -> torch.Tensor:
-    """Numpy array in the stored dtype -> tensor of dtype `out` (None: the stored float type as is).
-
-    One pass: the result is allocated (pinned if asked) and filled by a converting copy."""
-    src = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16) if dtype == "bf16" \
-        else torch.from_numpy(np.ascontiguousarray(a))
-    if (out is None or out == src.dtype) and not pin_memory:
-        return src
-    return torch.empty(src.shape, dtype=out or src.dtype, pin_memory=pin_memory).copy_(src)
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

@@ -16,12 +16,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spot_fast.cache.manifest import (BUILD_STATE, MANIFEST, MASK_DTYPES, SCHEMA_VERSION, STORED_NUMPY,
+from spot_fast.cache.codec import STORED_NUMPY
+from spot_fast.cache.manifest import (BUILD_STATE, MANIFEST, MASK_DTYPES, SCHEMA_VERSION, SHARD_MARKERS,
                                       CacheError, read_manifest)
 from spot_fast.config import EncoderConfig
 from spot_fast.data.sources import SOURCES
 
 FORMATS = ("zarr", "wds")
+ZSTD_LEVELS = (-7, 22)      # the levels zstd offers (negative: its --fast modes)
 
 
 def cache_base_dir() -> Path:
@@ -94,6 +96,9 @@ class CacheSpec:
         name, _, level = self.compression.partition(":")
         if name != "zstd" or (level and not level.lstrip("-").isdigit()):
             raise CacheError(f"--compress must be 'zstd' or 'zstd:<level>', got {self.compression!r}")
+        if level and not ZSTD_LEVELS[0] <= int(level) <= ZSTD_LEVELS[1]:
+            raise CacheError(f"--compress {self.compression}: zstd levels run from {ZSTD_LEVELS[0]} (fastest) to "
+                             f"{ZSTD_LEVELS[1]} (smallest); e.g. --compress zstd:3")
         return int(level) if level else 3
 
     @property
@@ -180,6 +185,8 @@ def check_existing(spec: CacheSpec, path: str | os.PathLike) -> None:
         recorded, key, what = _recorded_spec(manifest), manifest["content_key"], "a cache"
     elif (path / BUILD_STATE).is_file():
         state = json.loads((path / BUILD_STATE).read_text())
+        if not state.get("prepared") and not has_finished_shards(path):
+            return              # a start that failed while preparing the folder: nothing to keep
         recorded, key, what = state.get("spec", {}), state.get("content_key"), "an unfinished build"
     else:
         return
@@ -190,3 +197,9 @@ def check_existing(spec: CacheSpec, path: str | os.PathLike) -> None:
            f"the same settings, but the dataset's files under {spec.root} changed since it was built "
            f"(or another spot-fast version built it)")
     raise CacheError(f"{path} holds {what} of {why}: delete it to rebuild, or pass another --out")
+
+
+def has_finished_shards(path: Path) -> bool:
+    """Whether an unfinished build at `path` has finished (marked) any shard: work worth keeping."""
+    markers = path / SHARD_MARKERS
+    return markers.is_dir() and any(markers.iterdir())

@@ -20,14 +20,14 @@ class Ranks:
     `.build-errors/rank-R.txt` (the others poll that folder between batches and stop) and every
     rank meets at `sync`, an all-reduce of an error flag, instead of a bare barrier."""
     rank: int = 0
-    world: int = 1
+    world_size: int = 1
     owns_group: bool = False    # we initialised torch.distributed and must tear it down
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))   # of the flag (nccl: cuda)
 
     def sync(self, out: Path, error: BaseException | None = None, share: bool = True) -> None:
         """Wait for every rank; raise `error`, or a CacheError when another rank failed. `share`
         writes the error where the other ranks read it (not before the folder is ours: prepare)."""
-        if self.world > 1:
+        if self.world_size > 1:
             if error is not None and share:
                 self.report(out, error)
             flag = torch.tensor([0 if error is None else 1], device=self.device)
@@ -47,11 +47,11 @@ class Ranks:
     def failure(self, out: Path) -> str | None:
         """The error another rank reported, or None."""
         folder = out / ERRORS
-        if self.world == 1 or not folder.is_dir():
+        if self.world_size == 1 or not folder.is_dir():
             return None
         for file in sorted(folder.iterdir()):
             if file.name != f"rank-{self.rank}.txt":
-                return (f"build process {file.stem} of {self.world} failed ({file.read_text().strip()}); "
+                return (f"build process {file.stem} of {self.world_size} failed ({file.read_text().strip()}); "
                         f"stopped this one too: fix it and rerun the same command to resume")
         return None
 

@@ -17,7 +17,8 @@ import mmap
 import numpy as np
 import torch
 
-from spot_fast.cache.manifest import CacheError, STORED_NUMPY
+from spot_fast.cache.codec import STORED_NUMPY, STORED_TORCH, SCALE_SUFFIX, raw_numpy, stored_tensor
+from spot_fast.cache.manifest import CacheError
 
 
 class MappedSlabs:
@@ -30,7 +31,7 @@ class MappedSlabs:
         self.file = file                         # (S,) which map holds sample s
         self.offset = offset                     # (S,) byte offset of sample s, view 0
         self.shape = shape                       # (L, D) of one slab
-        self.stored = stored                     # "fp16" | "bf16" | "fp32"
+        self.stored = stored                     # codec name: "fp16" | "bf16" | "fp32" | "fp8" | "int8"
         self.dtype = np.dtype(STORED_NUMPY[stored])
         self.nbytes = shape[0] * shape[1] * self.dtype.itemsize
 
@@ -47,19 +48,36 @@ class MappedSlabs:
         """out[i] = slab(samples[i], views[i]) for i < len(samples): one copy per slab, in `out`'s dtype.
 
         Same dtype: a numpy byte copy (releases the GIL, so worker threads copy in parallel);
-        otherwise torch's converting copy, still one pass."""
+        otherwise torch's converting copy, still one pass. Small slabs (8-bit caches' per-token
+        scales, under a page each) are gathered by one numpy index per file instead."""
+        raw = _raw_numpy(out, self.stored)
+        if raw is not None and self.nbytes < SMALL_SLAB:
+            return self._gather(raw, samples, views)
         pairs = list(zip(samples.tolist(), views.tolist()))
         for s, v in pairs:           # ask the kernel for every slab at once: cold reads then overlap
             start = self.start(s, v)
             page = start - start % mmap.PAGESIZE
             self.mmaps[self.file[s]].madvise(mmap.MADV_WILLNEED, page, start + self.nbytes - page)
-        raw = _raw_numpy(out, self.stored)
         for i, (s, v) in enumerate(pairs):
             src = self.slab(s, v)
             if raw is not None:
                 np.copyto(raw[i], src.view(raw.dtype))
             else:
-                out[i].copy_(_stored_tensor(src))
+                out[i].copy_(stored_tensor(src, self.stored))
+
+
+    def _gather(self, raw: np.ndarray, samples: np.ndarray, views: np.ndarray) -> None:
+        """raw[i] = the bytes of slab (samples[i], views[i]), by fancy indexing (one op per file)."""
+        starts = self.offset[samples] + views * self.nbytes                         # (b,)
+        files = self.file[samples]
+        flat = raw[:len(samples)].reshape(len(samples), -1).view(np.uint8)         # (b, nbytes)
+        span = np.arange(self.nbytes)
+        for f in np.unique(files).tolist():
+            rows = np.flatnonzero(files == f)
+            flat[rows] = self.maps[f][starts[rows, None] + span]
+
+
+SMALL_SLAB = 4096       # bytes: slabs below this are gathered (per-slab calls would cost more than the bytes)
 
 
 class ZarrSlabs:
@@ -81,23 +99,17 @@ class ZarrSlabs:
         if raw is not None:
             np.copyto(raw[:len(samples)], block.view(raw.dtype))
         else:
-            out[:len(samples)].copy_(_stored_tensor(block))
-
-
-STORED_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+            out[:len(samples)].copy_(stored_tensor(block, self.stored))
 
 
 def _raw_numpy(out: torch.Tensor, stored: str) -> np.ndarray | None:
-    """A numpy view of `out` when it holds the stored dtype (bf16 as int16 bits), else None (convert)."""
-    if out.dtype != STORED_TORCH[stored]:
-        return None
-    return out.view(torch.int16).numpy() if out.dtype == torch.bfloat16 else out.numpy()
+    """A numpy view of `out` when it holds the stored dtype, else None (convert)."""
+    return raw_numpy(out) if out.dtype == STORED_TORCH[stored] else None
 
 
-def _stored_tensor(a: np.ndarray) -> torch.Tensor:
-    """A stored-dtype array as a tensor of its float type (bf16 bits reinterpreted)."""
-    t = torch.from_numpy(a)
-    return t.view(torch.bfloat16) if a.dtype == np.uint16 else t
+def array_codec(cache, name: str) -> str:
+    """The codec name of array `name`: the cache's dtype, or fp32 for the 8-bit scales."""
+    return "fp32" if name.endswith(SCALE_SUFFIX) else cache.dtype
 
 
 def zarr_slabs(cache, name: str) -> MappedSlabs | ZarrSlabs:
@@ -106,18 +118,19 @@ def zarr_slabs(cache, name: str) -> MappedSlabs | ZarrSlabs:
     views, L, D = spec["shape"][1:]
     smp = cache.samples
     if cache.manifest["compression"] is not None:
-        return ZarrSlabs(cache.zarr.arrays[name], smp.rows, cache.manifest["chunk_images"], (L, D), cache.dtype)
+        return ZarrSlabs(cache.zarr.arrays[name], smp.rows, cache.manifest["chunk_images"], (L, D),
+                         array_codec(cache, name))
     shards = [s["index"] for s in cache.shards if s["images"] > 0]
     maps = [cache.file_map(cache.shard_file(k, name)) for k in shards]
     where = np.searchsorted(np.array(shards), smp.shard)
-    slab = L * D * np.dtype(STORED_NUMPY[cache.dtype]).itemsize
+    slab = L * D * np.dtype(STORED_NUMPY[array_codec(cache, name)]).itemsize
     chunk = cache.manifest["chunk_images"] * views * slab
     for k, m in zip(shards, maps):
         if len(m) != chunk:
             raise CacheError(f"cache {cache.path}: {cache.shard_file(k, name)} holds {len(m)} bytes, an "
                              f"uncompressed chunk holds {chunk}: run `spot-fast cache verify {cache.path}` "
                              f"and rebuild the cache")
-    return MappedSlabs(maps, where, smp.pos * views * slab, (L, D), cache.dtype)
+    return MappedSlabs(maps, where, smp.pos * views * slab, (L, D), array_codec(cache, name))
 
 
 def wds_slabs(cache, name: str) -> MappedSlabs:
@@ -131,8 +144,9 @@ def wds_slabs(cache, name: str) -> MappedSlabs:
     for s, (row, k) in enumerate(zip(smp.rows.tolist(), smp.shard.tolist())):
         start, size = cache.tar_index(k)[f"{row:09d}"][f"{name}.npy"]
         offset[s] = start + _npy_data_offset(cache.tar_map(k)[start:start + min(size, 4096)],
-                                             tuple(spec["shape"][1:]), cache.dtype, f"shard {k}, row {row}")
-    return MappedSlabs(maps, where, offset, tuple(spec["shape"][2:]), cache.dtype)
+                                             tuple(spec["shape"][1:]), array_codec(cache, name),
+                                             f"shard {k}, row {row}")
+    return MappedSlabs(maps, where, offset, tuple(spec["shape"][2:]), array_codec(cache, name))
 
 
 def _npy_data_offset(head: np.ndarray, shape: tuple[int, ...], stored: str, where: str) -> int:

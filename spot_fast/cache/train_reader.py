@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from spot_fast.cache.batching import rank_world
-from spot_fast.cache.cache import Cache
+from spot_fast.cache.store import CacheStore
 from spot_fast.cache.manifest import CacheError
 from spot_fast.cache.sampler import dropped_samples, epoch_batches, num_batches
-from spot_fast.cache.slabs import STORED_TORCH, wds_slabs, zarr_slabs
+from spot_fast.cache.codec import FLOAT_OUT, STORED_TORCH, dequantize, is_quantized, scale_name
+from spot_fast.cache.slabs import wds_slabs, zarr_slabs
 
 
 class TrainReader:
@@ -35,12 +36,14 @@ class TrainReader:
     Yields dict(features (b, N, D), split_tokens (b, T, D) if present and wanted, image_id list,
     view (b,) int64, index (b,) int64 source row), b = batch_size except a short last batch when
     drop_last=False. Tokens are float32 unless `dtype=None`, which keeps the stored dtype (half the
-    host traffic for fp16: cast on the GPU, see `device_batches`).
+    host traffic for fp16: cast on the GPU, see `device_batches`); an 8-bit cache's batches then
+    hold the stored bytes (int8 / float8_e4m3fn) and `features_scale` (b, N, 1) float32 (and
+    `split_tokens_scale`), dequantised by `device_batches` on the device.
     `len(reader)` is the epoch's true batch count; `start_step` resumes mid-epoch without reading
     the skipped batches. Each shard file is hashed the first time this process reads it (`check`).
     """
 
-    def __init__(self, cache: Cache, batch_size: int, *, seed: int = 0, epoch: int = 0,
+    def __init__(self, cache: CacheStore, batch_size: int, *, seed: int = 0, epoch: int = 0,
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = True,
                  split_tokens: bool | None = None, dtype: torch.dtype | None = torch.float32,
                  pin_memory: bool | None = None, prefetch: int = 2, workers: int = 2,
@@ -48,7 +51,7 @@ class TrainReader:
         _positive(batch_size=batch_size, prefetch=prefetch, workers=workers)
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
-        if dtype is not None and dtype not in STORED_TORCH.values():
+        if dtype is not None and dtype not in FLOAT_OUT:
             raise ValueError(f"dtype must be None (keep the stored dtype) or a float dtype, got {dtype}")
         if split_tokens and not cache.has_split_tokens:
             raise CacheError(f"cache {cache.path} holds no split-layer tokens (built without --split-block)")
@@ -57,8 +60,13 @@ class TrainReader:
         self.drop_last, self.prefetch, self.workers, self.start_step = drop_last, prefetch, workers, start_step
         self.check = check
         self.split_tokens = cache.has_split_tokens if split_tokens is None else split_tokens
-        self.names = ("features", "split_tokens") if self.split_tokens else ("features",)
-        self.out_dtype = dtype or STORED_TORCH[cache.dtype]
+        tokens = ("features", "split_tokens") if self.split_tokens else ("features",)
+        self.quantized = is_quantized(cache.dtype)
+        self.tokens = tokens
+        self.names = (*tokens, *map(scale_name, tokens)) if self.quantized else tokens
+        self.dtype = dtype                  # what the batch holds: None = the stored dtype (+ scales)
+        # what the ring holds: 8-bit caches always keep the stored bytes (dequantised after the copy)
+        self.out_dtype = STORED_TORCH[cache.dtype] if dtype is None or self.quantized else dtype
         self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.num_samples = len(cache.samples)
         self._check_size()
@@ -100,7 +108,8 @@ class TrainReader:
             return free.pop()
 
         def buffer(name):
-            t = torch.empty((self.batch_size, *self.slabs[name].shape), dtype=self.out_dtype, pin_memory=self.pin)
+            dtype = torch.float32 if name not in self.tokens else self.out_dtype
+            t = torch.empty((self.batch_size, *self.slabs[name].shape), dtype=dtype, pin_memory=self.pin)
             return t.zero_()              # fault the pages in now, not during the first batches
         return [{n: buffer(n) for n in self.names} for _ in range(self.prefetch + 2)]
 
@@ -115,6 +124,9 @@ class TrainReader:
         for name in self.names:
             self.slabs[name].fill(buf[name], samples, views)
             batch[name] = buf[name][:b]
+        if self.quantized and self.dtype is not None:       # host floats were asked for: dequantise here
+            for name in self.tokens:
+                batch[name] = dequantize(batch[name], batch.pop(scale_name(name)), self.dtype)
         ids = self.cache.samples.image_ids
         batch.update(index=torch.from_numpy(self.cache.samples.rows[samples]), view=torch.from_numpy(views),
                      image_id=[ids[s] for s in samples.tolist()])

@@ -1,7 +1,7 @@
 """The WebDataset format: one plain tar per shard, one sample per stored image.
 
 Sample `<row:09d>` holds `id.txt`, `features.npy` (V, N, D), optionally `split_tokens.npy`
-(V, T, D), and for val `instance_mask.npy`, `class_mask.npy`, `ignore_mask.npy` (M, M) and
+(V, T, D), for 8-bit caches `features_scale.npy` (V, N, 1) and `split_tokens_scale.npy`, and for val `instance_mask.npy`, `class_mask.npy`, `ignore_mask.npy` (M, M) and
 `jpg`. Tars are written and streamed with the webdataset library (`TarWriter`,
 `tarfile_to_samples`), deterministically (fixed mtime/owner/mode) so that a rebuild is
 byte-identical, to `shard-XXXXX.tar.tmp` and renamed once complete. Skipped images are absent.
@@ -16,9 +16,9 @@ from typing import Iterator
 
 import numpy as np
 
-from spot_fast.cache.layout import MASK_NAMES, Shard
+from spot_fast.cache.layout import NUMERIC, Shard
 
-ARRAY_FIELDS = ("features", "split_tokens", *MASK_NAMES)
+ARRAY_FIELDS = NUMERIC
 
 
 def shard_name(index: int) -> str:

@@ -67,7 +67,7 @@ class ShardWriter:
                   "files": {rel: file_sha256(b.out / rel) for rel in files},
                   "xxh3": {rel: fast_hash(b.out / rel) for rel in files},
                   "sizes": {rel: (b.out / rel).stat().st_size for rel in files},
-                  "skipped": shard.skipped, "int_ids": shard.int_ids}
+                  "skipped": shard.skipped, "int_ids": shard.int_ids, "stats": shard.stats}
         write_json_atomic(b.marker(shard.index), marker)
         self.written += 1
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from spot_fast.cache.layout import MASK_NAMES, Shard
+from spot_fast.cache.layout import NUMERIC, Shard
 
 
 def _zarr_dtype(name: str):
@@ -89,7 +89,7 @@ class ZarrStore:
         ids = np.full(n, "", dtype=object)
         ids[pos] = shard.image_ids
         full = {"valid": valid, "image_id": ids}
-        for name in ("features", "split_tokens", *MASK_NAMES):
+        for name in NUMERIC:
             if name in self.specs:
                 part = getattr(shard, name)
                 block = np.zeros((n, *part.shape[1:]), part.dtype)
@@ -119,7 +119,7 @@ class ZarrStore:
         keep = np.flatnonzero(valid)
         ids = self.arrays["image_id"][start:stop]
         out = {}
-        for name in ("features", "split_tokens", *MASK_NAMES):
+        for name in NUMERIC:
             if name in names and name in self.specs:
                 block = self._block(name, index, start, stop)
                 out[name] = block if len(keep) == len(valid) else block[keep]

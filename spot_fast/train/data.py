@@ -16,7 +16,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from spot_fast.cache.codec import is_quantized
 from spot_fast.cache.sampler import epoch_batches, num_batches
+from spot_fast.cache.tail import FrozenTail
+from spot_fast.cache.wds_reader import WdsReader
+from spot_fast.train.config import encoder_from_manifest
 
 
 class _Batches:
@@ -64,8 +68,13 @@ class ImageBatches(_Batches):
 
 
 class CacheBatches:
-    """A cache's training batches, tokens in the stored dtype (cast on the device by
-    `spot_fast.cache.device_batches`), through the reader's `cache.train_reader(...)`."""
+    """A cache's training batches, tokens in the stored dtype (cast -- or dequantised -- on the device
+    by `spot_fast.cache.device_batches`), through the reader's `cache.train_reader(...)`.
+
+    Stage 2 on an 8-bit cache: every batch carries the cache's frozen tail as "targets", and
+    `device_batches` makes the stage-2 target (`features`) from the split tokens with it on the
+    device, so the target is exactly the frozen tail of what the student reads (the stored 8-bit
+    final tokens differ from that by their rounding; fp16/bf16/fp32 caches keep their stored ones)."""
 
     def __init__(self, cache, batch_size: int, *, seed: int, rank: int, world_size: int, drop_last: bool,
                  split_tokens: bool):
@@ -74,12 +83,18 @@ class CacheBatches:
                        split_tokens=split_tokens, dtype=None)
         first = cache.train_reader(batch_size, epoch=0, **self.kw)
         self.steps, self.dropped = len(first), first.dropped    # the same for every epoch
+        self.targets = None
+        if split_tokens and is_quantized(cache.dtype):
+            self.targets = FrozenTail.from_cache(cache, encoder_from_manifest(cache.manifest, cache.split_block))
 
     def __len__(self) -> int:
         return self.steps
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
-        return iter(self.cache.train_reader(self.batch_size, epoch=epoch, start_step=start_step, **self.kw))
+        batches = iter(self.cache.train_reader(self.batch_size, epoch=epoch, start_step=start_step, **self.kw))
+        if self.targets is None:
+            return batches
+        return ({**b, "targets": self.targets} for b in batches)
 
 
 class StreamBatches:
@@ -101,6 +116,5 @@ class StreamBatches:
         return self.steps
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
-        from spot_fast.cache import WdsReader
         reader = WdsReader(self.urls, self.batch_size, epoch=epoch, **self.kw)
         return itertools.islice(iter(reader), start_step, self.steps)     # resuming reads the skipped batches
