@@ -52,7 +52,8 @@ def att_matching(student: torch.Tensor, teacher_masks: torch.Tensor):
 
 
 class Stage1:
-    def __init__(self, cfg: SPOTConfig, vit_state: dict, root, batch: int, device, workers: int = 4):
+    def __init__(self, cfg: SPOTConfig, vit_state: dict, root, batch: int, device, workers: int = 4,
+                 mask_size: int = 320):
         self.device, self.optim = torch.device(device), cfg.optim
         self.model = ReferenceSPOT(cfg, vit(cfg, vit_state)).to(self.device).train()
         params = (p for p in self.model.parameters() if p.requires_grad)
@@ -72,7 +73,8 @@ class Stage1:
 
 
 class Stage2:
-    def __init__(self, cfg: SPOTConfig, vit_state: dict, root, batch: int, device, workers: int = 4):
+    def __init__(self, cfg: SPOTConfig, vit_state: dict, root, batch: int, device, workers: int = 4,
+                 mask_size: int = 320):
         self.device, self.optim, self.K = torch.device(device), cfg.optim, cfg.slot_attention.num_slots
         frozen = vit(cfg, vit_state)
         fine_tuned = copy.deepcopy(frozen).train()
