@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,8 +53,9 @@ class Worker:
         if repo is not None:
             cmd += ["--repo", str(repo)]
         self.impl = impl
+        env = {**os.environ, "TIMM_FUSED_ATTN": "0"}   # timm's attention as DINO's (read when timm loads)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr or
-                                     subprocess.DEVNULL, text=True, bufsize=1)
+                                     subprocess.DEVNULL, text=True, bufsize=1, env=env)
         self._read()
 
     def _read(self) -> dict:

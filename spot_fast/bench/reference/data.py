@@ -10,7 +10,7 @@ spot-fast's bit-exact transcriptions of those transforms (`spot_fast.data`).
 `write_dataset` makes the data: `images` distinct COCO-sized scenes (640x480 or 480x640 JPEGs,
 ~7 polygon annotations each, as COCO has) listed `entries` times over in the annotation files of
 both splits (a loader never runs dry while it is timed; the files stay in the page cache as
-COCO's hot set would), plus a `cache/` root listing each image once, for spot-fast's cache.
+COCO's hot set would), plus a `cache/` root listing `cache_entries` (default: each image once), for spot-fast's caches.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from spot_fast.data.transforms import hflip, mask_resize_center_crop, resize_cen
 LOADER_WORKERS = 4      # the reference's --num_workers default
 
 
-def write_dataset(root: str | Path, images: int, entries: int, short_side: int = 480, seed: int = 0) -> Path:
+def write_dataset(root: str | Path, images: int, entries: int, short_side: int = 480, seed: int = 0,
+                  cache_entries: int | None = None) -> Path:
     """Write the bench's COCO-format data under `root` (see the module docstring); returns root."""
     root = Path(root)
     pictures = root / "images"
@@ -47,7 +48,7 @@ def write_dataset(root: str | Path, images: int, entries: int, short_side: int =
         metas.append({"file_name": name, "width": width, "height": height})
         anns.append([{"category_id": o.category_id, "iscrowd": 0, "area": float(o.mask.sum()),
                       "segmentation": [[round(v, 2) for p in o.polygon for v in p]]} for o in objects])
-    for folder, count in ((root, entries), (root / "cache", images)):
+    for folder, count in ((root, entries), (root / "cache", cache_entries or images)):
         _annotations(folder, metas, anns, count, pictures)
     return root
 

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers (the reference's 4)")
     p.add_argument("--mask-size", type=int, default=320)
     args = p.parse_args(argv)
-    os.environ["TIMM_FUSED_ATTN"] = "0"            # timm's attention as DINO's: explicit q @ k^T, softmax
+    if os.environ.get("TIMM_FUSED_ATTN") != "0":   # timm's attention as DINO's: explicit q @ k^T, softmax
+        sys.exit("run the worker with TIMM_FUSED_ATTN=0 in its environment (timm reads it when it loads)")
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     sys.stdout = sys.stderr                        # the checkout prints; the protocol owns fd 1's copy
     import torch
