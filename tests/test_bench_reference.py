@@ -144,3 +144,20 @@ def test_evaluation_masks_and_metrics_equal_spot_fast(parts):
         for ours, theirs in (("mbo_i", "mbo_i"), ("mbo_c", "mbo_c"), ("miou", "miou"), ("ari", "fg_ari")):
             assert got[ours + suffix] == pytest.approx(want[theirs], abs=1e-9), ours + suffix
 
+
+
+def test_reference_dataset_masks_equal_spot_fast_coco_masks(tmp_path):
+    """The reference's mask arithmetic (transcribed for its cost) gives spot_fast.data.coco's masks."""
+    import numpy as np
+    from spot_fast.bench.reference.data import ReferenceCOCO, masks, write_dataset
+    from spot_fast.data.coco import coco_masks
+    root = write_dataset(tmp_path, images=3, entries=3, short_side=64)
+    ds = ReferenceCOCO(root, "val", 32, 40)
+    for i in range(3):
+        meta = ds.coco.imgs[ds.ids[i]]
+        anns = ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=ds.ids[i]))
+        assert len(anns) >= 5
+        want = coco_masks(anns, meta["height"], meta["width"])
+        assert all(np.array_equal(a, b) for a, b in zip(masks(anns, meta["height"], meta["width"]), want))
+    image, instance, cls, ignore = ds[0]
+    assert image.shape == (3, 32, 32) and instance.shape == cls.shape == (40, 40) and ignore.shape == (1, 40, 40)

@@ -43,7 +43,7 @@ def step_work(cfg, batch: int) -> int:
 
 def contended_section(row, cfg, batch: int, device: torch.device, warmup: int, repeats: int,
                       threads: int | None, default_threads: int) -> dict:
-    """{setting: {threads, quiet_img_s, contended_img_s, ratio}} for the thread policy (or
+    """{setting: {threads, quiet_img_s, contended_img_s, contended_share}} for the thread policy (or
     --threads) and torch's default, the fast stage-1 `row` timed quiet, then beside a neighbour
     on every usable core."""
     out = {}
@@ -54,6 +54,6 @@ def contended_section(row, cfg, batch: int, device: torch.device, warmup: int, r
         with busy_neighbours(usable_cores()):
             busy = measure({"row": row}, device, warmup, repeats)["row"].median
         out[name] = {"threads": n, "quiet_img_s": batch / quiet, "contended_img_s": batch / busy,
-                     "ratio": quiet / busy}
+                     "contended_share": quiet / busy}   # contended img/s over quiet img/s
     configure_threads(threads, work=step_work(cfg, batch))
     return {"neighbours": usable_cores(), "rows": out}

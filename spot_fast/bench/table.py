@@ -39,7 +39,7 @@ def format_table(result: dict) -> str:
         for name, r in c["rows"].items():
             lines.append(f"contended stage1 spot-fast, {name} ({r['threads']} threads): quiet {r['quiet_img_s']:.1f} "
                          f"img/s, beside {c['neighbours']} busy processes {r['contended_img_s']:.1f} img/s "
-                         f"({100 / r['ratio']:.0f}% of quiet)")
+                         f"({100 * r['contended_share']:.0f}% of quiet)")
     if "sweep" in sections:
         from spot_fast.bench.sweep import format_sweep_table
         lines.append("sweep: " + format_sweep_table(sections["sweep"]))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 import warnings
 from pathlib import Path
 
@@ -24,7 +25,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from spot_fast.data.coco import coco_masks, load_coco_index
+from pycocotools import mask as mask_utils
+
+from spot_fast.data.coco import CLASS_INDEX, load_coco_index
 from spot_fast.data.synthetic import CATEGORIES, SyntheticConfig, render_scene
 from spot_fast.data.transforms import hflip, mask_resize_center_crop, resize_center_crop, to_input
 
@@ -69,6 +72,28 @@ def _annotations(folder: Path, metas: list[dict], anns: list[list[dict]], count:
             link.symlink_to(pictures.resolve(), target_is_directory=True)
 
 
+def masks(anns: list[dict], h: int, w: int) -> np.ndarray:
+    """(3, H, W) uint8 class, instance and overlap masks, with the reference's array arithmetic
+    (`COCO2017._gen_seg_n_insta_masks`: a polygon list decodes to (H, W, n) and is reduced with
+    `np.sum(.., axis=2) > 0` for each of the three masks). The same masks as
+    `spot_fast.data.coco.coco_masks`, at the reference's cost."""
+    seg, inst, ignore = (np.zeros((h, w), dtype=np.uint8) for _ in range(3))
+    for i, ann in enumerate(anns, 1):
+        m = mask_utils.decode(mask_utils.frPyObjects(ann["segmentation"], h, w))
+        c = CLASS_INDEX.get(ann["category_id"])
+        if c is None:
+            continue
+        if len(m.shape) < 3:
+            seg[:, :] += (seg == 0) * (m * c)
+            inst[:, :] += (inst == 0) * (m * i)
+            ignore[:, :] += m
+        else:
+            seg[:, :] += (seg == 0) * (((np.sum(m, axis=2)) > 0) * c).astype(np.uint8)
+            inst[:, :] += (inst == 0) * (((np.sum(m, axis=2)) > 0) * i).astype(np.uint8)
+            ignore[:, :] += (((np.sum(m, axis=2)) > 0) * 1).astype(np.uint8)
+    return np.stack([seg, inst, (ignore > 1).astype(np.uint8)])
+
+
 class ReferenceCOCO(Dataset):
     """The reference's `COCO2017(root, split, image_size, mask_size)`."""
 
@@ -84,7 +109,7 @@ class ReferenceCOCO(Dataset):
         meta = self.coco.loadImgs(self.ids[index])[0]
         img = Image.open(self.root / f"{self.split}2017" / meta["file_name"]).convert("RGB")
         anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=self.ids[index]))
-        class_mask, instance_mask, ignore = (Image.fromarray(m) for m in coco_masks(anns, meta["height"], meta["width"]))
+        class_mask, instance_mask, ignore = (Image.fromarray(m) for m in masks(anns, meta["height"], meta["width"]))
         if self.split == "train":
             crop = resize_center_crop(img, self.image_size)
             x = to_input(crop)
@@ -104,10 +129,23 @@ def reference_loader(dataset: Dataset, batch: int, train: bool, workers: int = L
 
 class Batches:
     """One iterator over a loader, restarted at its end (the bench sizes the data so it never is
-    while timing)."""
+    while timing). It starts with the loader's first prefetch done (`settle`): a long run pays
+    that fill once, not in the few steps a bench times."""
 
     def __init__(self, loader: DataLoader):
         self.loader, self.it = loader, iter(loader)
+        self.settle()
+
+    def settle(self, timeout_s: float = 120.0) -> None:
+        """Wait until the workers have delivered every batch they were first asked for."""
+        queue = getattr(self.it, "_data_queue", None)
+        wanted = getattr(self.it, "_tasks_outstanding", 0)
+        end = time.monotonic() + timeout_s
+        try:
+            while queue is not None and queue.qsize() < wanted and time.monotonic() < end:
+                time.sleep(0.05)
+        except NotImplementedError:         # no qsize on this platform: no wait
+            pass
 
     def next(self):
         try:
