@@ -25,8 +25,8 @@ def bench(
     reference_repo: Optional[Path] = typer.Option(None, help="A checkout of the SPOT reference repository: the "
                                                   "reference rows run its own code (default: spot-fast's transcription)."),
     loader_workers: int = typer.Option(4, help="The reference loader's workers (the reference's 4)."),
-    variants: int = typer.Option(4, help="Section sweep: variants per grid."),
-    steps: int = typer.Option(24, help="Section sweep: optimiser steps per variant."),
+    sweep_variants: int = typer.Option(4, help="Section sweep: variants per grid (slot-count and lr grids)."),
+    sweep_steps: int = typer.Option(24, help="Section sweep: optimiser steps per variant."),
     out: Optional[Path] = typer.Option(None, help="JSON folder (default: ./bench-results)."),
     save: bool = typer.Option(True, metavar="", help="Write the JSON result."),
 ):
@@ -36,7 +36,7 @@ def bench(
                       sections=tuple(s.strip() for s in sections.split(",") if s.strip()), warmup=warmup,
                       repeats=repeats, compile=compile, precision=precision, threads=threads,
                       reference_repo=None if reference_repo is None else str(reference_repo),
-                      loader_workers=loader_workers, sweep_variants=variants, sweep_steps=steps,
+                      loader_workers=loader_workers, sweep_variants=sweep_variants, sweep_steps=sweep_steps,
                       out=None if out is None else str(out), save=save)
     cfg.validate()          # a BenchError is a UserError: the root command group reports it
     result = run_bench(cfg, log=lambda msg: typer.echo(msg, err=True))

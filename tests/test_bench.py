@@ -154,8 +154,8 @@ def test_table_names_every_row_and_missing_gpu(result):
     (["--cache", "/nonexistent"], "not a feature cache"),
     (["--preset", "imagenet"], "--preset must be one of"),
     (["--reference-repo", "/nonexistent"], "not a checkout of the SPOT reference repository"),
-    (["--sections", "sweep", "--variants", "1"], "--sweep-variants must be >= 2"),
-    (["--sections", "sweep", "--steps", "0"], "--sweep-steps must be >= 1"),
+    (["--sections", "sweep", "--sweep-variants", "1"], "--sweep-variants must be >= 2"),
+    (["--sections", "sweep", "--sweep-steps", "0"], "--sweep-steps must be >= 1"),
 ])
 def test_bad_options_give_one_message(args, message, tmp_path):
     res = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), *args])

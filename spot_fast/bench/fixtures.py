@@ -16,6 +16,7 @@ from pathlib import Path
 from spot_fast.bench.reference.data import write_dataset
 from spot_fast.config import SPOTConfig
 from spot_fast.errors import UserError
+from spot_fast.threads import usable_cores
 
 
 class BenchCacheError(UserError, ValueError):
@@ -74,5 +75,5 @@ def make_data(folder: Path, cfg: SPOTConfig, batch: int, steps: int, eval_steps:
                          split_block=cfg.encoder.split_block, mask_size=mask_size, chunk_images=64,
                          content=f"bench-{split}-{images}")
         caches[split] = build_cache(source, encoder, spec, folder / f"cache-{split}", batch_size=16,
-                                    device=device, progress=False).path
+                                    num_workers=min(4, usable_cores() - 1), device=device, progress=False).path
     return BenchData(root, caches["train"], caches["val"])
