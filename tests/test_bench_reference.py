@@ -161,3 +161,21 @@ def test_reference_dataset_masks_equal_spot_fast_coco_masks(tmp_path):
         assert all(np.array_equal(a, b) for a, b in zip(masks(anns, meta["height"], meta["width"]), want))
     image, instance, cls, ignore = ds[0]
     assert image.shape == (3, 32, 32) and instance.shape == cls.shape == (40, 40) and ignore.shape == (1, 40, 40)
+
+
+def test_flop_count_of_the_reference_rows_matches_torch_counter(parts):
+    """bench_steps' reference count = what torch counts in the transcription: the evaluation's
+    two encoder forwards and 9 serial orders (stage 1's one forward, without the backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from spot_fast.bench import flops
+    cfg, encoder, _ = parts
+    images = torch.randn(B, 3, cfg.encoder.image_size, cfg.encoder.image_size)
+    model = SPOT(stage2(cfg)).eval()
+    ref = transcription(model, FrozenEncoder.create(cfg.encoder, random_init=True), eval_orders="all").float().eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        ref(images)
+    assert counter.get_total_flops() == flops.bench_steps(cfg, B)["eval"]["reference"]
+    one = transcription(SPOT(cfg), FrozenEncoder.create(cfg.encoder, random_init=True), eval_orders="standard").float().eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        one(images)
+    assert counter.get_total_flops() == flops.spot_forward(cfg, B) + flops.encoder(cfg, B)
