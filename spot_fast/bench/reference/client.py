@@ -52,7 +52,7 @@ class Worker:
                "--workers", str(workers), "--mask-size", str(mask_size)]
         if repo is not None:
             cmd += ["--repo", str(repo)]
-        self.impl = impl
+        self.impl, self.last_cpu = impl, 0.0
         env = {**os.environ, "TIMM_FUSED_ATTN": "0"}   # timm's attention as DINO's (read when timm loads)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr or
                                      subprocess.DEVNULL, text=True, bufsize=1, env=env)
@@ -67,9 +67,12 @@ class Worker:
         return json.loads(line)
 
     def step(self, section: str) -> float:
+        """One step of `section`: its wall seconds (its CPU seconds in `last_cpu`)."""
         self.proc.stdin.write(section + "\n")
         self.proc.stdin.flush()
-        return self._read()["seconds"]
+        answer = self._read()
+        self.last_cpu = answer["cpu_seconds"]
+        return answer["seconds"]
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -7,8 +7,9 @@ the caller).
 
 Protocol (one JSON object per line): the worker prints {"ready": true}; each line sent, a section
 name ("stage1" | "stage2" | "eval"), runs one step of it (built on first use; the other
-sections' loaders are dropped) and answers {"section": ..., "seconds": ...}, the step's wall time
-with the device synchronised; "quit" ends it. The checkout's own prints go to stderr.
+sections' loaders are dropped) and answers {"section": ..., "seconds": ..., "cpu_seconds": ...}, the
+step's wall time with the device synchronised and this process's CPU time (its loader workers'
+excluded: they overlap the step, as in the reference); "quit" ends it. The checkout's own prints go to stderr.
 """
 from __future__ import annotations
 
@@ -59,11 +60,12 @@ def main(argv: list[str] | None = None) -> None:
             torch.manual_seed(0)
             built[section] = impl.SECTIONS[section](cfg, vit_state, args.root, args.batch, device,
                                                     workers=args.workers, mask_size=args.mask_size)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         built[section]()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        protocol.write(json.dumps({"section": section, "seconds": time.perf_counter() - t0}) + "\n")
+        protocol.write(json.dumps({"section": section, "seconds": time.perf_counter() - t0,
+                                   "cpu_seconds": time.process_time() - c0}) + "\n")
 
 
 if __name__ == "__main__":
