@@ -260,3 +260,10 @@ def test_reference_repo_rows_run_the_checkout(tmp_path):
     res = run_bench(cfg, log=lambda msg: None)
     assert "checkout's own code" in res["reference"] and "checkout's own code" in format_table(res)
     assert all(res["sections"][s]["paths"]["reference"]["median_s"] > 0 for s in ("stage1", "stage2", "eval"))
+
+
+def test_stage2_on_a_cache_without_split_tokens_is_one_line(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--preset", "tiny", "--sections", "stage2",
+                                   "--cache", str(tiny_caches().nosplit)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "split" in res.output and len(res.output.strip().splitlines()) == 1

@@ -42,11 +42,12 @@ def resolve_cache(path: str | Path) -> tuple[Path, Path | None]:
                           f"--split both build); build one with `spot-fast cache ...` or leave --cache out")
 
 
-def check_cache(path: Path, cfg: SPOTConfig) -> None:
-    """A one-line BenchCacheError unless the cache fits the preset (geometry, width, split tokens)."""
+def check_cache(path: Path, cfg: SPOTConfig, split_tokens: bool = False) -> None:
+    """A one-line BenchCacheError unless the cache fits the preset (geometry, width, and split
+    tokens where `split_tokens`: stage 2 and evaluation read a stage-2 model's inputs)."""
     from spot_fast.cache import CacheError, open_cache
     try:
-        open_cache(path, expect=cfg, need_split_tokens=False, allow_random_init=True)
+        open_cache(path, expect=cfg, need_split_tokens=split_tokens, allow_random_init=True)
     except CacheError as err:
         raise BenchCacheError(f"--cache {path}: {str(err).splitlines()[0]} (or pick the preset the cache "
                               f"was built for with --preset)") from None

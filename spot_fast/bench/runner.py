@@ -67,10 +67,12 @@ class BenchConfig:
         if self.cache is not None:
             from spot_fast.bench.fixtures import check_cache, resolve_cache
             train, val = resolve_cache(self.cache)
-            check_cache(train, preset(self.preset))
-            if "eval" in self.sections and val is None:
-                raise BenchError(f"--cache {self.cache}: the eval section needs a val cache (masks): pass a "
-                                 f"--split both folder, or leave eval out of --sections")
+            check_cache(train, preset(self.preset), split_tokens="stage2" in self.sections)
+            if "eval" in self.sections:
+                if val is None:
+                    raise BenchError(f"--cache {self.cache}: the eval section needs a val cache (masks): pass a "
+                                     f"--split both folder, or leave eval out of --sections")
+                check_cache(val, preset(self.preset), split_tokens=True)
         if self.reference_repo is not None:
             from spot_fast.bench.reference.client import check_repo
             check_repo(self.reference_repo)
