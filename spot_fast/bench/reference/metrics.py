@@ -46,7 +46,7 @@ class ARI:
         prediction, target = prediction.transpose(-2, -1), target.transpose(-2, -1)
         assert torch.all(target.sum(dim=-1) < 2), "mask non-exclusive"
         ari = adjusted_rand_index(prediction, target[..., 1:])          # foreground: drop class 0
-        self.values += ari.sum()
+        self.values = self.values.to(ari.device) + ari.sum()            # state on the metric's device
         self.total += len(ari)
 
     def compute(self) -> torch.Tensor:
@@ -91,7 +91,8 @@ class MaskIoU:
             true = true[torch.sum(true, dim=-1) > 0]
             if len(true) == 0:
                 continue
-            self.values += mask_iou(pred, true, self.matching).mean()
+            iou = mask_iou(pred, true, self.matching).mean()
+            self.values = self.values.to(iou.device) + iou                # state on the metric's device
             self.total += 1
 
     def compute(self) -> torch.Tensor:
