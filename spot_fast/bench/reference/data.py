@@ -123,6 +123,7 @@ class ReferenceCOCO(Dataset):
 def reference_loader(dataset: Dataset, batch: int, train: bool, workers: int = LOADER_WORKERS) -> DataLoader:
     """The reference's loaders: train shuffled with drop_last, val in order; 4 workers, pinned."""
     warnings.filterwarnings("ignore", message=".*pin_memory.*")     # pinning is a no-op without CUDA
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # 4 workers on fewer cores: as the reference
     return DataLoader(dataset, shuffle=train, drop_last=train, batch_size=batch, num_workers=workers,
                       pin_memory=True)
 
