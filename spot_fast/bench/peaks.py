@@ -4,7 +4,7 @@
   leaves TF32 off, as torch's default matmul precision does), tf32 (fp32 rows with TF32 matmuls
   enabled), bf16 (autocast rows).
 - CPU: the measured rate of a 1024^3 matmul in the row's dtype with the bench's threads (the
-  best of 5): what this CPU's matrix units actually deliver, AVX-512, AVX512-BF16 or AMX included,
+  best of 20): what this CPU's matrix units actually deliver, AVX-512, AVX512-BF16 or AMX included,
   at the clock it runs at. A datasheet figure for a CPU depends on cores, clock and ISA, none of
   which the bench can trust from /proc/cpuinfo on a shared or virtual machine.
 """
@@ -47,7 +47,7 @@ def cpu_bf16_native() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def matmul_rate(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+def matmul_rate(dtype: torch.dtype, n: int = 1024, repeats: int = 20) -> float:
     """FLOP/s of the best of `repeats` n x n x n matmuls on the CPU (current torch threads)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
