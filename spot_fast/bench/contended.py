@@ -8,6 +8,7 @@ after `NEIGHBOUR_LIMIT_S` and is killed when the measurement ends, failed or not
 """
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from spot_fast.bench.timing import measure
 from spot_fast.threads import configure_threads, usable_cores
 
 NEIGHBOUR_LIMIT_S = 900
+ROUNDS = 2            # quiet/busy block pairs per setting
 _SPIN = "import time\nend = time.monotonic() + {limit}\nwhile time.monotonic() < end:\n    pass\n"
 
 
@@ -44,15 +46,18 @@ def step_work(cfg, batch: int) -> int:
 def contended_section(row, cfg, batch: int, device: torch.device, warmup: int, repeats: int,
                       threads: int | None, default_threads: int) -> dict:
     """{setting: {threads, quiet_img_s, contended_img_s, contended_share}} for the thread policy (or
-    --threads) and torch's default, the fast stage-1 `row` timed quiet, then beside a neighbour
-    on every usable core."""
+    --threads) and torch's default: the fast stage-1 `row` timed quiet and beside a neighbour on
+    every usable core, in ROUNDS alternating blocks of `repeats` steps (medians over the blocks)."""
     out = {}
     settings = {"policy": configure_threads(threads, work=step_work(cfg, batch)), "torch default": default_threads}
     for name, n in settings.items():
         torch.set_num_threads(n)
-        quiet = measure({"row": row}, device, warmup, repeats)["row"].median
-        with busy_neighbours(usable_cores()):
-            busy = measure({"row": row}, device, warmup, repeats)["row"].median
+        quiet, busy = [], []
+        for _ in range(ROUNDS):                   # quiet and busy blocks alternate: drift falls on both
+            quiet += measure({"row": row}, device, warmup, repeats)["row"].seconds
+            with busy_neighbours(usable_cores()):
+                busy += measure({"row": row}, device, warmup, repeats)["row"].seconds
+        quiet, busy = statistics.median(quiet), statistics.median(busy)
         out[name] = {"threads": n, "quiet_img_s": batch / quiet, "contended_img_s": batch / busy,
                      "contended_share": quiet / busy}   # contended img/s over quiet img/s
     configure_threads(threads, work=step_work(cfg, batch))
