@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from spot_fast.bench.workloads import make_jpegs
+from spot_fast.bench.reference.data import make_jpegs
 from spot_fast.benchinfo import save_result, versions
 from spot_fast.cache import CacheSpec, build_cache, device_batches, epoch_batches, open_cache
 from spot_fast.cache.checks import fast_hash

@@ -11,7 +11,7 @@ import torch
 
 from spot_fast.bench import flops
 from spot_fast.bench.peaks import cpu_bf16_native, peak
-from spot_fast.bench.timing import Timing, measure
+from spot_fast.bench.timing import Timing
 from spot_fast.config import preset
 from spot_fast.errors import UserError
 

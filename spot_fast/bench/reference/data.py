@@ -56,6 +56,14 @@ def write_dataset(root: str | Path, images: int, entries: int, short_side: int =
     return root
 
 
+def make_jpegs(count: int, short_side: int = 480, seed: int = 0) -> list[bytes]:
+    """`count` COCO-sized JPEGs (the scenes of `write_dataset`) as bytes, for timing decodes."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        write_dataset(tmp, count, count, short_side, seed)
+        return [p.read_bytes() for p in sorted((Path(tmp) / "images").iterdir())]
+
+
 def _annotations(folder: Path, metas: list[dict], anns: list[list[dict]], count: int, pictures: Path) -> None:
     """Annotation files of both splits listing `count` entries that cycle through the images."""
     (folder / "annotations").mkdir(parents=True, exist_ok=True)
