@@ -2,8 +2,10 @@
 with data-loader workers) does to the step, under spot-fast's thread policy and under torch's
 default threads.
 
-The neighbour is one process per usable core spinning in a Python loop (no I/O, no sleeps): the
-scheduler then gives the bench at most a fair share of every core. Each neighbour ends itself
+The neighbour is one process per usable core spinning in a Python loop (no I/O, no sleeps), each
+in a session of its own, as another job on the machine is: Linux's scheduler (autogroup) shares
+the CPU between sessions first, so neighbours started in the bench's own session would take
+their CPU out of the bench's share and measure a load no other job puts on it. Each neighbour ends itself
 after `NEIGHBOUR_LIMIT_S` and is killed when the measurement ends, failed or not.
 """
 from __future__ import annotations
@@ -27,7 +29,8 @@ _SPIN = "import time\nend = time.monotonic() + {limit}\nwhile time.monotonic() <
 @contextmanager
 def busy_neighbours(count: int, limit_s: float = NEIGHBOUR_LIMIT_S):
     """`count` spinning processes for the duration of the block (and never longer than limit_s)."""
-    procs = [subprocess.Popen([sys.executable, "-c", _SPIN.format(limit=limit_s)]) for _ in range(count)]
+    procs = [subprocess.Popen([sys.executable, "-c", _SPIN.format(limit=limit_s)], start_new_session=True)
+             for _ in range(count)]
     try:
         time.sleep(0.5)                       # running before the first timed step
         yield procs
