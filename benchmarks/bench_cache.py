@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from spot_fast.bench.workloads import make_jpegs
+from spot_fast.bench.reference.data import make_jpegs
 from spot_fast.benchinfo import save_result, versions
 from spot_fast.cache import CacheSpec, build_cache, device_batches, epoch_batches, open_cache
 from spot_fast.cache.checks import fast_hash
@@ -165,7 +165,7 @@ def main() -> None:
     ap.add_argument("--jpegs", type=int, default=200, help="JPEGs timed on the reference path")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold (evicted page cache) reads")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the cache (default: a temp dir)")
-    ap.add_argument("--save", action="store_true", help="write JSON to benchmarks/results/")
+    ap.add_argument("--save", action="store_true", help="write JSON to ./bench-results/")
     args = ap.parse_args()
     for name in ("images", "views", "tokens", "dim", "chunk", "batch", "workers", "repeat", "jpegs"):
         if getattr(args, name) < 1:

@@ -15,7 +15,7 @@ Targets on one H100 (the issue): forward+backward >= 2x eager and >= 1.3x torch.
 Without a GPU the script says the GPU figures are missing, times only the eager reference on the
 CPU at a tiny shape and, under TRITON_INTERPRET=1, checks the kernel's output there (no timing: the
 interpreter is ~400x slower than eager). --save writes JSON (hardware, versions, date, results) to
-$OUT if set, else to benchmarks/results/.
+./bench-results/ (the current folder).
 """
 from __future__ import annotations
 
@@ -267,7 +267,7 @@ def main() -> None:
     ap.add_argument("--loop-shape", default="coco", choices=list(SHAPES), help="shape of the whole-loop table")
     ap.add_argument("--no-loop", action="store_true", help="skip the whole-loop table")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns and variants")
-    ap.add_argument("--save", action="store_true", help="write JSON to $OUT or benchmarks/results/")
+    ap.add_argument("--save", action="store_true", help="write JSON to ./bench-results/")
     args = ap.parse_args()
     dtype = DTYPES[args.dtype]
     payload = {"hardware": hardware(), "versions": versions(), "args": vars(args), "iterations": ITERATIONS,

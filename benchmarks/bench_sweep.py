@@ -1,5 +1,5 @@
 """M variants trained in ONE sweep against the same M variants trained as M separate runs
-(`spot-fast bench --sweep M` runs the same; the work is `spot_fast.bench.sweep`).
+(`spot-fast bench --sections sweep --sweep-variants M` runs the same; the work is `spot_fast.bench.sweep`).
 
     python benchmarks/bench_sweep.py                          # tiny preset on a synthetic cache (CPU)
     python benchmarks/bench_sweep.py --cache CACHE --preset coco --steps 200 --save   # a real cache (GPU)
@@ -24,7 +24,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=24, help="steps per variant")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--save", action="store_true", help="write JSON to benchmarks/results/ (or $OUT)")
+    p.add_argument("--save", action="store_true", help="write JSON to ./bench-results/")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

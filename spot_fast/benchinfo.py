@@ -1,5 +1,6 @@
 """What every benchmark records beside its figures: the hardware, the versions, the date, and
-a result file named with the hardware and date (`benchmarks/results/`, or `$OUT` when set)."""
+a result file named with the hardware and date, in the folder the caller names or, by default,
+`bench-results/` under the current folder (never inside the installed package or its checkout)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+DEFAULT_FOLDER = "bench-results"     # under the current folder
 
 
 def hardware() -> dict:
@@ -53,8 +54,8 @@ def hardware_tag(hw: dict | None = None) -> str:
 
 
 def result_path(benchmark: str, out: str | os.PathLike | None = None) -> Path:
-    """`<out or $OUT or benchmarks/results>/<benchmark>-<hardware>-<YYYYMMDDTHHMMSSZ>.json`."""
-    folder = Path(out or os.environ.get("OUT") or RESULTS)
+    """`<out or ./bench-results>/<benchmark>-<hardware>-<YYYYMMDDTHHMMSSZ>.json`."""
+    folder = Path(out) if out else Path.cwd() / DEFAULT_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{benchmark}-{hardware_tag()}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
 

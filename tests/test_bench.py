@@ -1,8 +1,10 @@
 """`spot-fast bench` on the tiny preset (CPU, seconds): the FLOP formula against torch's own
-counter, the JSON record, the 9-order mask check, the data rows over a real cache, and option
-checks. No timing is asserted: speed is measured by the bench itself."""
+counter, the JSON record (a peak per row), the 9-order mask check, the data rows over a real
+cache, a cache the bench builds itself, the contended section's neighbours, the sweep section,
+and option checks. No timing is asserted: speed is measured by the bench itself."""
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -80,16 +82,16 @@ def test_training_step_counts_three_forwards():
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
+    """Every default section over the shared tiny caches, passed as their --split both folder."""
     out = tmp_path_factory.mktemp("bench")
-    cache = tiny_caches().both / "train"
-    cfg = BenchConfig(preset="tiny", batch=4, device="cpu", cache=str(cache), warmup=0, repeats=1,
-                      jpegs=3, data_batches=3, out=str(out), precision="fp32")
+    cfg = BenchConfig(preset="tiny", batch=4, device="cpu", cache=str(tiny_caches().both), warmup=0, repeats=1,
+                      data_batches=3, out=str(out), precision="fp32", loader_workers=0)
     return run_bench(cfg, log=lambda msg: None)
 
 
 def test_bench_json_has_every_section_and_the_record(result):
     saved = json.loads(open(result["saved"]).read())
-    for key in ("hardware", "versions", "date", "git_commit", "peak_flops", "flop_count"):
+    for key in ("hardware", "versions", "date", "git_commit", "flop_count", "threads", "reference"):
         assert key in saved, key
     assert set(saved["sections"]) == {"stage1", "stage2", "eval", "data"}
     assert set(saved["sections"]["eval"]["paths"]) == {"reference", "serial", "batched"}
@@ -100,18 +102,28 @@ def test_bench_json_has_every_section_and_the_record(result):
         assert all(r["median_s"] > 0 and r["img_s"] > 0 for r in rows.values())
 
 
+def test_every_row_records_the_peak_of_its_precision(result):
+    """MFU = FLOPs / time / the peak of the row's own precision, recorded beside it."""
+    for sec in ("stage1", "stage2", "eval"):
+        for name, r in result["sections"][sec]["paths"].items():
+            assert r["precision"] == "fp32" and r["peak_flops"] > 0 and "matmul" in r["peak_source"], name
+            assert r["mfu"] == pytest.approx(r["flops_per_step"] * r["img_s"] / 4 / r["peak_flops"])
+
+
 def test_bench_eval_masks_agree(result):
     check = result["sections"]["eval"]["mask_check"]["batched"]
     assert check["max_abs_mask_diff"] < 1e-5 and check["argmax_agreement"] > 0.99
 
 
-def test_bench_fp32_and_bf16_rows_side_by_side(tmp_path):
-    """--precision both: a bf16 row beside every fp32 fast row, its masks checked against the
-    serial fp32 decoding (bf16 rounding: close, not equal)."""
+def test_bench_builds_its_own_cache_and_sets_fp32_and_bf16_rows_side_by_side(tmp_path):
+    """Without --cache the bench writes data and caches of the preset's shape; --precision both:
+    a bf16 row beside every fp32 fast row, its masks checked against serial fp32 decoding."""
     cfg = BenchConfig(preset="tiny", batch=3, device="cpu", sections=("stage1", "eval"), warmup=0, repeats=1,
-                      jpegs=2, precision="both", save=False)
+                      precision="both", save=False, loader_workers=1)
     res = run_bench(cfg, log=lambda msg: None)
+    assert res["data"]["built"] is True
     assert set(res["sections"]["stage1"]["paths"]) == {"reference", "spot-fast", "spot-fast bf16"}
+    assert res["sections"]["stage1"]["paths"]["spot-fast bf16"]["precision"] == "bf16"
     assert set(res["sections"]["eval"]["paths"]) == {"reference", "serial", "batched", "batched bf16"}
     checks = res["sections"]["eval"]["mask_check"]
     assert checks["batched"]["max_abs_mask_diff"] < 1e-5
@@ -121,14 +133,15 @@ def test_bench_fp32_and_bf16_rows_side_by_side(tmp_path):
 
 def test_bench_data_rows_from_a_real_cache(result):
     data = result["sections"]["data"]
-    for row in ("jpeg_reference", "cache_reader", "raw_memmap"):
-        assert data[row]["img_s"] > 0 and data[row]["gb_s"] > 0, row
+    for row in ("reference_dataset", "cache_reader", "raw_memmap"):
+        assert data[row]["img_s"] > 0, row
     assert 0 <= data["data_wait"]["share"] <= 1
 
 
-def test_table_names_every_path_and_missing_gpu(result):
+def test_table_names_every_row_and_missing_gpu(result):
     table = format_table(result)
-    for word in ("stage1", "stage2", "eval", "batched vs serial", "jpeg_reference", "cache_reader"):
+    for word in ("stage1", "stage2", "eval", "batched vs serial", "reference_dataset", "cache_reader",
+                 "transcription of the reference", "MFU peak fp32"):
         assert word in table, word
     if not torch.cuda.is_available():
         assert "not measured" in table
@@ -140,12 +153,30 @@ def test_table_names_every_path_and_missing_gpu(result):
     (["--precision", "fp8"], "--precision must be one of"),
     (["--cache", "/nonexistent"], "not a feature cache"),
     (["--preset", "imagenet"], "--preset must be one of"),
+    (["--reference-repo", "/nonexistent"], "not a checkout of the SPOT reference repository"),
+    (["--sections", "sweep", "--sweep-variants", "1"], "--sweep-variants must be >= 2"),
+    (["--sections", "sweep", "--sweep-steps", "0"], "--sweep-steps must be >= 1"),
 ])
 def test_bad_options_give_one_message(args, message, tmp_path):
     res = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), *args])
     assert res.exit_code == 2
     assert message in res.output and "Traceback" not in res.output
     assert not list(tmp_path.iterdir())        # nothing written
+
+
+def test_a_cache_of_another_shape_is_one_line(tmp_path):
+    """The tiny cache under the COCO preset (width 32 vs 768): one line naming the cache and the fix."""
+    res = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--cache", str(tiny_caches().both / "train"),
+                                   "--sections", "stage1"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "does not fit the model" in res.output and "--preset" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_eval_on_a_train_only_cache_names_the_fix(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--preset", "tiny",
+                                   "--cache", str(tiny_caches().both / "train")])
+    assert res.exit_code == 2 and "needs a val cache" in res.output and "Traceback" not in res.output
 
 
 @pytest.mark.parametrize("native, expected", [(True, ("fp32", "bf16")), (False, ("fp32",))])
@@ -160,7 +191,56 @@ def test_bench_config_rejects_bad_values():
         BenchConfig(batch=0).validate()
 
 
-def test_bench_sweep_times_every_variant_both_ways(one_thread):
+def test_results_go_to_the_current_folder_not_out_nor_the_source_tree(tmp_path, monkeypatch):
+    from spot_fast.benchinfo import result_path
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OUT", str(tmp_path / "elsewhere"))
+    path = result_path("bench_train")
+    assert path.parent == tmp_path / "bench-results" and not (tmp_path / "elsewhere").exists()
+    assert result_path("bench_train", tmp_path / "mine").parent == tmp_path / "mine"
+
+
+def test_busy_neighbours_run_during_the_block_and_are_always_killed():
+    from spot_fast.bench.contended import busy_neighbours
+    with pytest.raises(RuntimeError):
+        with busy_neighbours(2, limit_s=60) as procs:
+            assert all(p.poll() is None for p in procs)          # spinning
+            raise RuntimeError("a failed measurement")
+    assert all(p.poll() is not None for p in procs)              # gone, failure or not
+
+
+def test_contended_section_times_the_policy_and_torch_default(tmp_path):
+    cfg = BenchConfig(preset="tiny", batch=4, device="cpu", cache=str(tiny_caches().both), sections=("contended",),
+                      warmup=0, repeats=1, precision="fp32", save=False, threads=1)
+    res = run_bench(cfg, log=lambda msg: None)
+    rows = res["sections"]["contended"]["rows"]
+    assert set(rows) == {"policy", "torch default"} and rows["policy"]["threads"] == 1
+    for r in rows.values():
+        assert r["quiet_img_s"] > 0 and r["contended_img_s"] > 0
+        assert r["contended_share"] == pytest.approx(r["contended_img_s"] / r["quiet_img_s"])
+    assert "contended stage1" in format_table(res)
+
+
+def test_sweep_ratio_is_separate_time_over_sweep_time(monkeypatch, tmp_path):
+    """Known times in, known ratios out: M=2 separate runs of [2.0, 1.0] s each against a sweep
+    of [3.0, 1.5] s and a stacked sweep of [1.0, 0.5] s (wall, CPU)."""
+    import spot_fast.bench.sweep as sweep_bench
+    times = iter([[2.0, 1.0], [2.0, 1.0], [3.0, 1.5], [1.0, 0.5]])
+    monkeypatch.setattr(sweep_bench, "timed", lambda fn: next(times))
+    row = sweep_bench.measure(_Base(), "optim.lr=0.1,0.2", tmp_path)   # timed() never runs its job here
+    assert row["separate_s"] == [4.0, 2.0]
+    assert row["ratio_sweep"] == pytest.approx([4 / 3, 4 / 3]) and row["ratio_stacked"] == pytest.approx([4.0, 4.0])
+
+
+class _Base:
+    """A TrainConfig stand-in: `measure` only reads its fields through to_dict."""
+
+    def to_dict(self):
+        from spot_fast.train import TrainConfig
+        return TrainConfig(train_cache="unused", preset="tiny").to_dict()
+
+
+def test_bench_sweep_section_times_every_variant_both_ways(one_thread):
     from spot_fast.bench.sweep import SweepBenchConfig, format_sweep_table, run_sweep_bench
     cfg = SweepBenchConfig(variants=2, cache=str(tiny_caches().both / "train"), batch_size=4, steps=2)
     result = run_sweep_bench(cfg)
@@ -169,17 +249,21 @@ def test_bench_sweep_times_every_variant_both_ways(one_thread):
         assert row["variants"] == 2
         for key in ("separate_s", "sweep_s", "stacked_s"):
             assert len(row[key]) == 2 and all(t > 0 for t in row[key])
-        assert row["ratio_sweep"][0] == pytest.approx(row["separate_s"][0] / row["sweep_s"][0])
     assert "optim.lr=0.0002,0.0004" in format_sweep_table(result)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--sweep", "1"], "variants must be >= 2"),
-    (["--sweep", "2", "--steps", "0"], "steps must be >= 1"),
-    (["--sweep", "2", "--cache", "/nonexistent"], "not a finished train cache"),
-])
-def test_bench_sweep_bad_options_give_one_message(args, message, tmp_path):
-    res = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), *args])
-    assert res.exit_code == 2, res.output
-    assert message in res.output and "Traceback" not in res.output
-    assert not list(tmp_path.iterdir())
+@pytest.mark.skipif(not os.environ.get("SPOT_REFERENCE_REPO"), reason="set SPOT_REFERENCE_REPO to a reference checkout")
+def test_reference_repo_rows_run_the_checkout(tmp_path):
+    cfg = BenchConfig(preset="tiny", batch=4, device="cpu", cache=str(tiny_caches().both), warmup=0, repeats=1,
+                      precision="fp32", save=False, loader_workers=0, sections=("stage1", "stage2", "eval"),
+                      reference_repo=os.environ["SPOT_REFERENCE_REPO"])
+    res = run_bench(cfg, log=lambda msg: None)
+    assert "checkout's own code" in res["reference"] and "checkout's own code" in format_table(res)
+    assert all(res["sections"][s]["paths"]["reference"]["median_s"] > 0 for s in ("stage1", "stage2", "eval"))
+
+
+def test_stage2_on_a_cache_without_split_tokens_is_one_line(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), "--preset", "tiny", "--sections", "stage2",
+                                   "--cache", str(tiny_caches().nosplit)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "split" in res.output and len(res.output.strip().splitlines()) == 1

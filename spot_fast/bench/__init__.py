@@ -3,9 +3,12 @@
     from spot_fast.bench import BenchConfig, run_bench, format_table
     print(format_table(run_bench(BenchConfig(sections=("stage1",)))))
 
-timing.py (warm-up, sync, interleaved repeats), flops.py (the FLOP count behind MFU),
-workloads.py (the reference and spot-fast paths), runner.py (sections, table, JSON).
+reference/ (the reference code's steps, transcribed; or a checkout's own, in a worker),
+workloads.py (every row as one callable), fixtures.py (the data and caches the rows read),
+sections.py (what each section runs), timing.py (warm-up, sync, interleaved repeats),
+flops.py + peaks.py (MFU), contended.py (stage 1 beside busy neighbours), table.py, runner.py.
 """
-from spot_fast.bench.runner import SECTIONS, BenchConfig, BenchError, format_table, run_bench
+from spot_fast.bench.runner import SECTIONS, BenchConfig, BenchError, run_bench
+from spot_fast.bench.table import format_table
 
 __all__ = ["SECTIONS", "BenchConfig", "BenchError", "format_table", "run_bench"]

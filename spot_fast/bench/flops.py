@@ -77,16 +77,20 @@ def spot_forward(cfg: SPOTConfig, batch: int, orders: int = 1, masks_only: bool 
 
 
 def bench_steps(cfg: SPOTConfig, batch: int) -> dict[str, dict[str, int]]:
-    """FLOPs of one step of every path `spot-fast bench` times (useful work: the batched eval is
+    """FLOPs of one step of every row `spot-fast bench` times (useful work: the batched eval is
     credited with the serial count of what it outputs, the masks, the work it computes once
-    instead of per order aside; the stage-2 teacher likewise decodes masks only)."""
+    instead of per order aside; the stage-2 teacher likewise decodes masks only). The reference
+    rows run the encoder inside the step: stage 1 once; stage 2 three times (the teacher's, the
+    frozen target's, and the student's, whose first split_block blocks are forward-only and whose
+    tail trains); evaluation twice (`use_second_encoder`), on a stage-2 model."""
     enc = encoder(cfg, batch)
+    two = replace(cfg, stage=2)
     stage1 = TRAIN_FACTOR * spot_forward(cfg, batch)
-    stage2 = TRAIN_FACTOR * spot_forward(replace(cfg, stage=2), batch)
+    stage2 = TRAIN_FACTOR * spot_forward(two, batch)
     teacher, teacher_masks = spot_forward(cfg, batch), spot_forward(cfg, batch, masks_only=True)
     student_frozen = vit_blocks(cfg, batch, cfg.encoder.split_block, patch_embed=True)
-    evaluation = spot_forward(cfg, batch, orders=9)
     return {"stage1": {"reference": stage1 + enc, "spot-fast": stage1},
             "stage2": {"reference": stage2 + teacher + 2 * enc + student_frozen, "spot-fast": stage2 + teacher_masks},
-            "eval": {"reference": evaluation + enc, "serial": evaluation,
-                     "batched": spot_forward(cfg, batch, orders=9, masks_only=True)}}
+            "eval": {"reference": spot_forward(cfg, batch, orders=9) + 2 * enc,
+                     "serial": spot_forward(two, batch, orders=9),
+                     "batched": spot_forward(two, batch, orders=9, masks_only=True)}}

@@ -34,10 +34,10 @@ class SweepBenchConfig:
     def validate(self) -> None:
         for name, minimum in (("variants", 2), ("images", 2), ("batch_size", 1), ("steps", 1)):
             if getattr(self, name) < minimum:
-                raise UserError(f"bench --sweep: {name.replace('_', '-')} must be >= {minimum}, "
+                raise UserError(f"sweep bench: {name.replace('_', '-')} must be >= {minimum}, "
                                 f"got {getattr(self, name)}")
         if self.cache is not None and not (Path(self.cache) / "manifest.json").is_file():
-            raise UserError(f"bench --sweep: --cache {self.cache} is not a finished train cache "
+            raise UserError(f"sweep bench: --cache {self.cache} is not a finished train cache "
                             f"(no manifest.json): pass a train cache folder, or omit --cache")
 
 

@@ -1,51 +1,45 @@
-"""What the bench times: the reference's way of training and evaluating SPOT beside spot-fast's.
+"""What the bench times, one callable per row, each one step (or one evaluation batch).
 
-Reference path (what the SPOT reference code computes every step): JPEG decode + the reference's
-transforms, the frozen encoder's forward, the model in fp32 eager with the plain one-order-at-a-time
-decoder and no kernel, Adam. Spot-fast path: cached features -> the model (bf16 autocast + kernel +
-optional compile on CUDA; fp32 eager on a CPU, and bf16 autocast beside it where the CPU
-multiplies bf16 natively) -> Adam. Every path starts from the same weights.
+Reference rows: the reference code's step (`spot_fast.bench.reference`: its loader decoding the
+JPEGs and every annotation mask in 4 workers, DINO's ViT inside the model, the one-order decoder
+with explicit masked attention, `clip_grad_norm_(inf)` + `.item()`, Adam; stage 2 with three
+encoder forwards, the teacher's full decode and the matching; evaluation with two encoder
+forwards, every order and the metrics), in fp32 eager, no kernel. With `--reference-repo` the
+same steps of a reference checkout's own code run in a worker process (`reference.client`).
 
-Path names: "spot-fast" (and "batched" in evaluation) is the first fast precision; more
-precisions add "spot-fast bf16" / "batched bf16".
+spot-fast rows: what `spot-fast train` runs per step: the next batch of the trainer's cache reader
+(`CacheBatches`) through `device_batches` (copy to the device, cast to fp32 there), the step's
+randomness drawn from (seed, step), lr set, `stage1_forward_backward` / `stage2_forward_backward`
+(the teacher decoding masks only), `clip_grad_inf_norm_`, fused Adam. fp32 eager, or bf16
+autocast ("spot-fast bf16"); torch.compile only with --compile on; the slot-attention kernel only
+where the preset enables it (`use_kernel`, off in every preset). Evaluation rows read the val
+cache's reader and update the metrics as `spot-fast eval` does: "serial" with the plain decoder,
+"batched" with the fast decoder and masks-only decoding.
 """
 from __future__ import annotations
 
 import copy
-import io
-import math
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-import numpy as np
 import torch
-from PIL import Image
 
-from spot_fast.config import SPOTConfig, teacher
-from spot_fast.data.transforms import hflip, resize_center_crop, to_input
-from spot_fast.encoders import FrozenEncoder
+from spot_fast.config import SPOTConfig, stage2, teacher
 from spot_fast.model import SPOT
 from spot_fast.train.optim import adam, clip_grad_inf_norm_
-from spot_fast.train.steps import stage1_forward_backward, stage2_forward_backward
+from spot_fast.train.steps import StepRandomness, stage1_forward_backward, stage2_forward_backward
 
 
 @dataclass
 class Options:
     device: torch.device
-    precisions: tuple[str, ...] = ("fp32",)   # fast path precisions ("fp32", "bf16"), one row each
-    compile: bool = False   # torch.compile the fast path's model
-    clip: float = 0.3       # gradient clipping, infinity norm (the reference's)
-    lr: float = 4e-4
-
-    @property
-    def input_dtype(self) -> torch.dtype:
-        """Cached features enter as bf16 when every fast path autocasts to bf16."""
-        return torch.bfloat16 if set(self.precisions) == {"bf16"} else torch.float32
+    precisions: tuple[str, ...] = ("fp32",)   # fast rows' precisions ("fp32", "bf16"), one row each
+    compile: bool = False                     # torch.compile the fast rows' model
 
     def fast_names(self, base: str) -> dict[str, str]:
-        """{path name: precision}: the first precision is `base`, others `base precision`."""
+        """{row name: precision}: the first precision is `base`, others `base precision`."""
         return {(base if i == 0 else f"{base} {p}"): p for i, p in enumerate(self.precisions)}
 
 
@@ -53,200 +47,130 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else None
 
 
-def make_jpegs(count: int, seed: int = 0) -> list[bytes]:
-    """COCO-like JPEGs: 640x480 smooth random scenes, quality 90."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        small = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
-        img = np.asarray(Image.fromarray(small).resize((640, 480), Image.BICUBIC), np.int16)
-        noisy = (img + rng.integers(-12, 13, img.shape)).clip(0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(noisy).save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
+class CacheFeed:
+    """The trainer's input: a cache's batches through `device_batches`, epoch after epoch."""
 
+    def __init__(self, cache_path, batch: int, device: torch.device, split_tokens: bool, val: bool = False):
+        from spot_fast.cache import open_cache
+        from spot_fast.train.data import CacheBatches
+        self.cache, self.device, self.val, self.epoch = open_cache(cache_path, allow_random_init=True), device, val, 0
+        self.batch, self.split_tokens = batch, split_tokens
+        if not val:
+            self.source = CacheBatches(self.cache, batch, seed=0, rank=0, world_size=1, drop_last=True,
+                                       split_tokens=split_tokens)
+        self.it = self._epoch()
 
-class JpegBatches:
-    """The reference's input path: decode B JPEGs, resize + centre crop, normalise, random flip."""
-
-    def __init__(self, jpegs: list[bytes], batch: int, size: int, seed: int = 0):
-        self.jpegs, self.batch, self.size = jpegs, batch, size
-        self.rng = np.random.default_rng(seed)
-        self.pos = 0
-
-    def next(self) -> torch.Tensor:
-        views = []
-        for _ in range(self.batch):
-            data = self.jpegs[self.pos % len(self.jpegs)]
-            self.pos += 1
-            x = to_input(resize_center_crop(Image.open(io.BytesIO(data)).convert("RGB"), self.size))
-            views.append(hflip(x) if self.rng.random() < 0.5 else x)
-        return torch.stack(views)                                           # (B, 3, H, W)
-
-
-class FeatureBatches:
-    """spot-fast's input: batches of a cache reader (cycled), or one synthetic batch, on device.
-    Token kinds the cache lacks (split tokens of a stage-1 cache) come from the synthetic batch."""
-
-    def __init__(self, make_reader: Callable[[], object] | None, synthetic: dict, options: Options):
-        self.make_reader, self.synthetic, self.options = make_reader, synthetic, options
-        self.it = iter(make_reader()) if make_reader else None
-        self.dtype = options.input_dtype
+    def _epoch(self):
+        from spot_fast.cache import device_batches
+        if self.val:
+            return iter(device_batches(self.cache.eval_reader(self.batch, split_tokens=self.split_tokens), self.device))
+        return iter(device_batches(self.source.epoch(self.epoch), self.device))
 
     def next(self) -> dict:
-        if self.it is None:
-            return self.synthetic
-        try:
+        batch = next(self.it, None)
+        if batch is None:
+            self.epoch += 1
+            self.it = self._epoch()
             batch = next(self.it)
-        except StopIteration:
-            self.it = iter(self.make_reader())
-            batch = next(self.it)
-        tokens = {k: v.to(self.options.device, self.dtype, non_blocking=True)
-                  for k, v in batch.items() if k in ("features", "split_tokens")}
-        return {**self.synthetic, **tokens}    # a cache without split tokens: synthetic ones
-
-
-def synthetic_batch(cfg: SPOTConfig, batch: int, device: torch.device, dtype=torch.float32) -> dict:
-    """Features (and split tokens) of the right shapes, unit-variance like ViT tokens."""
-    g = torch.Generator().manual_seed(0)
-    N, D = cfg.encoder.num_patches, cfg.feature_dim
-    prefix = 1 + cfg.encoder.spec.num_registers
-    return {"features": torch.randn(batch, N, D, generator=g).to(device, dtype),
-            "split_tokens": torch.randn(batch, prefix + N, D, generator=g).to(device, dtype)}
-
-
-def reference_model(model: SPOT) -> SPOT:
-    """A copy of `model` computing as the reference does: plain serial decoder, no kernel, fp32."""
-    ref = copy.deepcopy(model).float()
-    ref.slot_attention.cfg = replace(ref.slot_attention.cfg, use_kernel=False)
-    if hasattr(ref.decoder, "fast"):           # the MLP decoder has a single path
-        ref.decoder.fast = False
-    return ref
-
-
-def encoder_prefix(encoder: FrozenEncoder, images: torch.Tensor, blocks: int) -> torch.Tensor:
-    """The frozen encoder's first `blocks` blocks: the stage-2 student's frozen part, (B, P+N, D)."""
-    vit = encoder.vit
-    with torch.no_grad():
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-        for block in vit.blocks[:blocks]:
-            x = block(x)
-    return x
+        return batch
 
 
 class Trainee:
-    """A model, its Adam and gradient clipping: one optimiser step per call. The reference path
-    uses torch's defaults (per-tensor Adam, `clip_grad_norm_`), the fast path the trainer's
-    (`spot_fast.train.optim`: fused Adam, the same clipping computed faster)."""
+    """A model, its fused Adam and clipping, stepped as the trainer steps (spot_fast.train.loop)."""
 
-    def __init__(self, model: SPOT, options: Options, fast: bool, precision: str = "fp32"):
+    def __init__(self, model: SPOT, options: Options, precision: str, teacher_model: SPOT | None = None):
         self.model = model.to(options.device).train()
-        self.options = options
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = adam(params, lr=options.lr) if fast else torch.optim.Adam(params, lr=options.lr)
-        self.clip = clip_grad_inf_norm_ if fast else partial(torch.nn.utils.clip_grad_norm_, norm_type=math.inf)
-        self.run = torch.compile(model) if fast and options.compile else model
-        self.autocast_dtype = autocast_dtype(precision) if fast else None
+        self.device, self.teacher = options.device, teacher_model
+        self.opt = adam([p for p in model.parameters() if p.requires_grad], lr=model.cfg.optim.lr)
+        self.run = torch.compile(model) if options.compile else model
+        self.dtype, self.step_count = autocast_dtype(precision), 0
 
-    def step(self, forward_backward: Callable[[SPOT, torch.dtype | None], dict]) -> dict:
-        out = forward_backward(self.run, self.autocast_dtype)
-        self.clip(self.model.parameters(), self.options.clip)
-        self.opt.step()
+    def step(self, batch: dict) -> dict:
+        cfg = self.model.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.optim.lr
+        rnd = StepRandomness.draw(cfg, 0, self.step_count, batch["features"].shape[0], 0, 1, self.device,
+                                  self.teacher.cfg if self.teacher is not None else None)
         self.opt.zero_grad(set_to_none=True)
+        if self.teacher is None:
+            out = stage1_forward_backward(self.run, batch, orders=rnd.orders, noise=rnd.noise,
+                                          autocast_dtype=self.dtype)
+        else:
+            out = stage2_forward_backward(self.run, self.teacher, batch, ce_weight=cfg.optim.ce_weight,
+                                          orders=rnd.orders, teacher_orders=rnd.teacher_orders,
+                                          teacher_noise=rnd.teacher_noise, autocast_dtype=self.dtype)
+        clip_grad_inf_norm_(self.model.parameters(), cfg.optim.clip)
+        self.opt.step()
+        self.step_count += 1
         return out
 
 
-def stage1_paths(cfg: SPOTConfig, encoder: FrozenEncoder, images: JpegBatches, data: FeatureBatches,
-                 options: Options) -> dict[str, Callable[[], dict]]:
+def train_rows(cfg: SPOTConfig, section: str, cache_path, batch: int, options: Options) -> dict[str, Callable]:
+    """spot-fast's rows of stage 1 or stage 2: {row name: one step}."""
     torch.manual_seed(0)
-    model = SPOT(cfg)
-    ref = Trainee(reference_model(model), options, False)
+    two = section == "stage2"
+    model = SPOT(stage2(cfg) if two else cfg)
+    tutor = SPOT(teacher(cfg)).to(options.device).eval().requires_grad_(False) if two else None
+    feed = CacheFeed(cache_path, batch, options.device, split_tokens=two)
 
-    def reference():
-        feats = encoder(images.next().to(options.device)).final
-        return ref.step(lambda m, _: stage1_forward_backward(m, {"features": feats}))
-
-    def spot_fast(fast: Trainee):
-        batch = data.next()
-        return fast.step(lambda m, dtype: stage1_forward_backward(m, batch, autocast_dtype=dtype))
-    return {"reference": reference,
-            **{name: partial(spot_fast, Trainee(copy.deepcopy(model), options, True, precision))
-               for name, precision in options.fast_names("spot-fast").items()}}
+    def step(trainee: Trainee):
+        return trainee.step(feed.next())
+    return {name: partial(step, Trainee(copy.deepcopy(model), options, precision, tutor))
+            for name, precision in options.fast_names("spot-fast").items()}
 
 
-def stage2_paths(cfg: SPOTConfig, encoder: FrozenEncoder, images: JpegBatches, data: FeatureBatches,
-                 options: Options) -> dict[str, Callable[[], dict]]:
-    """Reference: student encoder (frozen blocks + fine-tuned tail), the frozen target encoder and
-    the teacher's encoder: three encoder forwards per step. spot-fast: cached split tokens and
-    final tokens (target and teacher input)."""
+def eval_rows(cfg: SPOTConfig, cache_path, batch: int, options: Options) -> tuple[dict[str, Callable], Callable]:
+    """spot-fast's evaluation rows on the val cache (every order, the masks' labels, the metrics),
+    and a check: one batch's masks by the serial fp32 decoder against every batched row's
+    ({row: {max_abs_mask_diff, argmax_agreement}})."""
+    from spot_fast.evaluate import run_model
+    from spot_fast.metrics import MetricAccumulator, masks_to_labels
     torch.manual_seed(0)
-    s2 = replace(cfg, slot_attention=replace(cfg.slot_attention, init="embedding", truncate="bi-level"),
-                 stage=2)
-    student, teacher_model = SPOT(s2), SPOT(teacher(cfg)).eval().requires_grad_(False)
-    student.load_tail(encoder.vit.state_dict())
-    teacher_model.to(options.device)
-    ref_teacher = reference_model(teacher_model).to(options.device)
-    ref = Trainee(reference_model(student), options, False)
-    ce = cfg.optim.ce_weight
-    split = cfg.encoder.split_block
-
-    def reference():
-        x = images.next().to(options.device)
-        encoder(x)                          # the teacher's encoder (same frozen weights: same tokens)
-        target = encoder(x).final           # the frozen target encoder
-        batch = {"features": target, "split_tokens": encoder_prefix(encoder, x, split)}   # + student's
-        return ref.step(lambda m, _: stage2_forward_backward(m, ref_teacher, batch, ce_weight=ce))
-
-    def spot_fast(fast: Trainee):
-        batch = data.next()
-        return fast.step(lambda m, dtype: stage2_forward_backward(m, teacher_model, batch, ce_weight=ce,
-                                                                  autocast_dtype=dtype))
-    return {"reference": reference,
-            **{name: partial(spot_fast, Trainee(copy.deepcopy(student), options, True, precision))
-               for name, precision in options.fast_names("spot-fast").items()}}
-
-
-def eval_paths(cfg: SPOTConfig, encoder: FrozenEncoder, images: JpegBatches, data: FeatureBatches,
-               options: Options) -> tuple[dict[str, Callable[[], object]], Callable[[], dict]]:
-    """All 9 orders: reference (JPEG + encoder + serial), serial and batched from cached features.
-    Batched decodes masks only, as `spot-fast eval` does (the metrics need no reconstruction);
-    serial, as the reference's evaluation, decodes everything. Also returns a check: the serial
-    (fp32) and every batched path's masks of one batch, compared."""
-    torch.manual_seed(0)
-    batched = SPOT(cfg).to(options.device).eval()
-    serial = reference_model(batched).eval()
+    batched = SPOT(stage2(cfg)).to(options.device).eval()
+    serial = copy.deepcopy(batched)
+    if hasattr(serial.decoder, "fast"):
+        serial.decoder.fast = False
+    feed = CacheFeed(cache_path, batch, options.device, split_tokens=True, val=True)
+    size = feed.cache.manifest["mask_size"]
+    accs = {"decoder": MetricAccumulator(), "slot_attention": MetricAccumulator()}
+    generator = torch.Generator(options.device).manual_seed(0)
 
     @torch.no_grad()
-    def reference():
-        return serial(encoder(images.next().to(options.device)).final, orders="all")
-
-    @torch.no_grad()
-    def serial_eval():
-        return serial(data.next()["features"].float(), orders="all")
-
-    @torch.no_grad()
-    def batched_eval(precision: str, feats=None, noise=None):
-        dtype = autocast_dtype(precision)
+    def evaluate(model: SPOT, precision: str | None, masks_only: bool):
+        b = feed.next()
+        dtype = autocast_dtype(precision or "fp32")
         with torch.autocast(options.device.type, dtype) if dtype else nullcontext():
-            feats = data.next()["features"] if feats is None else feats
-            return batched(feats, orders="all", noise=noise, masks_only=True)
-
-    paths = options.fast_names("batched")
+            o = run_model(model, b, "all", generator, masks_only=masks_only)
+        for kind, masks in (("decoder", o.dec_masks), ("slot_attention", o.sa_masks)):
+            accs[kind].update(masks_to_labels(masks.float(), size), b["instance_mask"], b["class_mask"],
+                              b["ignore_mask"])
+    rows = {"serial": partial(evaluate, serial, None, False)}
+    rows.update({name: partial(evaluate, batched, p, True) for name, p in options.fast_names("batched").items()})
 
     @torch.no_grad()
     def check() -> dict:
-        """One batch decoded serially in fp32 and by every batched path: masks must agree.
-        {batched path: {max_abs_mask_diff, argmax_agreement}}."""
-        feats = data.next()["features"].float()
+        b = feed.next()
         sa = cfg.slot_attention
-        noise = torch.randn(len(feats), sa.num_slots, sa.slot_size, device=feats.device)  # same slots
-        a = serial(feats, orders="all", noise=noise).dec_masks
+        noise = torch.randn(b["features"].shape[0], sa.num_slots, sa.slot_size, device=options.device)
+        inputs = (b["split_tokens"],)
+        a = serial(*inputs, target=b["features"], orders="all", noise=noise).dec_masks
         out = {}
-        for name, precision in paths.items():
-            b = batched_eval(precision, feats, noise).dec_masks.float()
-            out[name] = {"max_abs_mask_diff": (a - b).abs().max().item(),
-                         "argmax_agreement": (a.argmax(1) == b.argmax(1)).float().mean().item()}
+        for name, p in options.fast_names("batched").items():
+            dtype = autocast_dtype(p)
+            with torch.autocast(options.device.type, dtype) if dtype else nullcontext():
+                m = batched(*inputs, target=b["features"], orders="all", noise=noise, masks_only=True).dec_masks.float()
+            out[name] = {"max_abs_mask_diff": (a - m).abs().max().item(),
+                         "argmax_agreement": (a.argmax(1) == m.argmax(1)).float().mean().item()}
         return out
-    return {"reference": reference, "serial": serial_eval,
-            **{name: partial(batched_eval, precision) for name, precision in paths.items()}}, check
+    return rows, check
+
+
+def reference_row(cfg: SPOTConfig, section: str, data, batch: int, device: torch.device, *, workers: int,
+                  mask_size: int, vit_state: dict, worker=None) -> Callable:
+    """The reference row of a section: the transcription in this process, or one step of a
+    reference checkout's code in its worker (`worker`, a reference.client.Worker)."""
+    if worker is not None:
+        return partial(worker.step, section)
+    from spot_fast.bench.reference.steps import SECTIONS
+    torch.manual_seed(0)
+    return SECTIONS[section](cfg, vit_state, data.root, batch, device, workers=workers, mask_size=mask_size)

@@ -1,6 +1,8 @@
 """Registers and spills of the fused kernels per launch config, compiled for a GPU without one.
 
-    TRITON_INTERPRET=0 python -m spot_fast.kernels.attention_step_registers [--all-configs]
+    TRITON_INTERPRET=0 python benchmarks/tools/attention_step_registers.py [--all-configs]
+
+A developer tool: it lives beside the benchmarks, outside the installed package.
 
 Compiles `_fwd_kernel` and `_bwd_kernel` of attention_step_triton.py for sm_90 (Triton's bundled
 ptxas; no GPU needed) at the COCO and MOVi-E step shapes (H = 1, head_dim 256, K = 7 and 24), fp32
