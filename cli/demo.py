@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from spot_fast.cli.errors import at_least
+
 
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Folder for the data, cache, runs and report "
@@ -24,7 +26,9 @@ def demo(
                                          "50; DINOSAUR 30)."),
     stage2_epochs: Optional[int] = typer.Option(None, help="Stage-2 epochs (default: the demo preset's)."),
     seed: int = typer.Option(0, help="Seed of the data, the encoder and training."),
-    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)."),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda if present)."),
+    threads: Optional[int] = typer.Option(None, callback=at_least(1), help="Intra-op CPU threads (default: "
+                                          "the thread policy: one for the demo's small model)."),
     progress: bool = typer.Option(True, metavar="", help="Show progress bars."),
 ):
     """Show SPOT learning on a CPU in minutes: one table of FG-ARI, mBO^i, mBO^c, mIoU against trivial baselines."""

@@ -43,8 +43,10 @@ class ErrorReportingGroup(Group):
     """The root command group: turns expected errors into one line and an exit code."""
 
     def invoke(self, ctx: typer.Context):
+        from spot_fast.errors import speaking_cli
         try:
-            return super().invoke(ctx)
+            with speaking_cli():        # messages name the command's options, not Python arguments
+                return super().invoke(ctx)
         except KeyboardInterrupt:
             hint = ctx.meta.get(_HINT_KEY, "nothing was finished")
             typer.secho(f"interrupted; {hint}", fg="yellow", err=True)

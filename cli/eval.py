@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from spot_fast.cli.errors import at_least
+
 ORDERS = ("standard", "random", "all")
 
 
@@ -16,14 +18,19 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/eval)."),
     batch_size: int = typer.Option(64, min=1, help="Images per forward."),
     num_pictures: int = typer.Option(8, min=0, help="Rows of the picture grid."),
-    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)."),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda if present)."),
+    threads: Optional[int] = typer.Option(None, callback=at_least(1), help="Intra-op CPU threads (default: "
+                                          "the thread policy: the cores this process may use)."),
     allow_random_init: bool = typer.Option(False, "--allow-random-init", metavar="", help="Accept a random-init cache."),
 ):
     """Evaluate a run: FG-ARI, mBO^i, mBO^c, mIoU of the decoder and slot-attention masks."""
     from spot_fast.evaluate import evaluate_run
-    from spot_fast.train.config import TrainError
+    from spot_fast.threads import configure_threads
+    from spot_fast.train.config import TrainError, check_device
     if orders not in ORDERS:
         raise TrainError(f"--orders must be one of {', '.join(ORDERS)}, got {orders!r}")
+    check_device(device)
+    configure_threads(threads)
     if (cache / "val" / "manifest.json").is_file():
         cache = cache / "val"
     if out is None:
