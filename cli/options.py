@@ -39,8 +39,16 @@ class Flag:
     panel: str                  # the --help section it is listed under
 
 
+# The word a section's options start with (`--slot-num-heads`); a field already starting with it
+# is not prefixed twice (`--slot-size`).
+PREFIXES = {"slot_attention": "slot"}
+
+
 def option_name(section: str, f: dataclasses.Field) -> str:
-    name = f.metadata.get("flag") or (f"{section}-{f.name}" if section else f.name)
+    """`--` + the field's declared flag, else `SECTION-FIELD` (a plain field name outside sections)."""
+    prefix = PREFIXES.get(section, section)
+    name = f.metadata.get("flag") or (f.name if not prefix or f.name.startswith(prefix + "_")
+                                      else f"{prefix}-{f.name}")
     return "--" + name.replace("_", "-")
 
 
@@ -58,7 +66,7 @@ def config_flags(cls, *, section: str = "", panel: str = "Options", skip=(), def
         if default is dataclasses.MISSING:
             default = None
         key = f"{section}.{f.name}" if section else f.name
-        out.append(Flag(key, key.replace(".", "__"), option_name(section.replace(".", "-"), f), f, hint, default,
+        out.append(Flag(key, key.replace(".", "__"), option_name(section, f), f, hint, default,
                         (helps or {}).get(f.name) or field_help(cls, f), panel))
     return out
 
@@ -87,10 +95,10 @@ def typer_parameter(flag: Flag) -> inspect.Parameter:
     t, _ = base_type(flag.hint)
     choices = choices_of(flag.field, flag.hint)
     decls = [flag.option]
-    if t is bool:
+    if t is bool and flag.default is not False:         # on by default, or the config's: both spellings
         decls = [f"{flag.option}/--no-{flag.option[2:]}"]
     text = flag.help
-    if choices is not None:
+    if choices is not None and not all(str(c) in text for c in choices):
         text += f" (one of: {', '.join(str(c) for c in choices)})"
     elif bounds_text(flag.field):
         text += f" ({bounds_text(flag.field)})"

@@ -41,11 +41,10 @@ SWEEP_OPTIONS = [
     _option("check_memory", bool, True, "--check-memory/--no-check-memory", metavar="",
             help="Refuse a sweep whose memory estimate does not fit."),
 ]
-# TrainConfig fields a sweep does not take: it reads one local cache (not images or a stream) and
-# shows no per-variant progress bar.
-NOT_IN_SWEEP = ("images", "dataset", "weights", "stream", "progress")
+# TrainConfig fields a sweep does not take: it reads one local cache, not images or a stream.
+NOT_IN_SWEEP = ("images", "dataset", "weights", "stream")
 RUN_DEFAULTS = {"out": "runs/sweep"}
-RUN_HELP = {"out": "sweep folder: one run folder per variant, summary.md/csv, masks.png",
+RUN_HELP = {"progress": "a progress line per epoch (the variants' runs show no bars)","out": "sweep folder: one run folder per variant, summary.md/csv, masks.png",
             "teacher": "stage 2: ONE stage-1 run / checkpoint shared by all variants (its forward runs once "
                        "per step)",
             "resume": "continue the sweep in --out after a kill"}
@@ -60,7 +59,7 @@ def sweep_command():
         """Train a whole ablation grid in one pass over the cache: each batch is read once and trained
         into every variant; each variant gets its own `spot-fast train` run folder."""
         from spot_fast.sweep.run import SweepConfig, plan as plan_sweep, sweep as run_sweep
-        cfg = train_config(flags, values, set_, progress=False)
+        cfg = train_config(flags, values, set_)
         scfg = SweepConfig(train=cfg, grid=list(grid), variants_file=None if variants is None else str(variants),
                            teachers=None if teachers is None else str(teachers), stack=stack, rank_by=rank_by,
                            check_memory=check_memory)

@@ -39,10 +39,11 @@ class ConfigError(UserError, ValueError):
 
 
 def setting(default=dataclasses.MISSING, *, min=None, above=None, max=None, choices=None, factory=None,
-            flag: str | None = None):
+            flag: str | None = None, help: str | None = None):
     """A dataclass field with its accepted values: `min <= v <= max`, `v > above` (numbers are also
-    finite), one of `choices`; `flag`: a short CLI option name instead of the generated one."""
-    meta = {k: v for k, v in dict(min=min, above=above, max=max, choices=choices, flag=flag).items()
+    finite), one of `choices`; `flag`: a short CLI option name instead of the generated one; `help`:
+    for a field without a comment (a class made by `dataclasses.make_dataclass`)."""
+    meta = {k: v for k, v in dict(min=min, above=above, max=max, choices=choices, flag=flag, help=help).items()
             if v is not None}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
@@ -139,21 +140,6 @@ def parse_text(text: str, hint):
         raise ValueError(f"expected a value of type {getattr(t, '__name__', t)}") from None
 
 
-def coerce(value, hint):
-    """A typed value (from a flag or the Python API) as the field's type: an int is a float where a
-    float is wanted; text is parsed. Values of the wrong type are returned as they are (check_fields
-    then names them)."""
-    if isinstance(value, str):
-        try:
-            return parse_text(value, hint)
-        except ValueError:
-            return value
-    t, _ = base_type(hint)
-    if t is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
 def type_hints(cls) -> dict:
     """The resolved type hints of dataclass `cls` (read afresh: a config class may be replaced)."""
     return typing.get_type_hints(cls)
@@ -161,13 +147,20 @@ def type_hints(cls) -> dict:
 
 @cache
 def field_comments(cls) -> dict[str, str]:
-    """Field name -> the comment after it in the class source (or the comment lines just above it);
-    {} when the source is not available (a class made by `dataclasses.make_dataclass`)."""
+    """Field name -> the comment after it in the source of `cls` or a base class (or the comment
+    lines just above it); nothing for a class without source (`dataclasses.make_dataclass`)."""
+    out = {}
+    for c in reversed(cls.__mro__[:-1]):
+        out.update(_own_comments(c))
+    return out
+
+
+def _own_comments(cls) -> dict[str, str]:
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = set(getattr(cls, "__annotations__", {}))
     comments, above, out = {}, [], {}
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:

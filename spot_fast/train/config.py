@@ -19,7 +19,7 @@ from typing import Literal
 from spot_fast.config import PRESETS, EncoderConfig, SPOTConfig, preset
 from spot_fast.data import DATASET_NAMES
 from spot_fast.errors import UserError, arg
-from spot_fast.fields import ConfigError, check_fields, coerce, parse_text, setting, type_hints
+from spot_fast.fields import ConfigError, check_fields, parse_text, setting, type_hints
 
 
 class TrainError(UserError):
@@ -54,7 +54,7 @@ class TrainConfig:
     weights: str | None = None          # `images`: encoder weights file or "random-init" (None: local HF/hub cache)
     out: str = "runs/spot"              # run folder: config.json, log.jsonl, checkpoints/, eval/
     preset: str = setting("coco", choices=tuple(PRESETS))  # model hyper-parameters and optimiser defaults
-    overrides: dict[str, object] = field(default_factory=dict)  # "a.b" -> value for any SPOTConfig field
+    overrides: dict[str, object] = field(default_factory=dict)  # "a.b" -> value (or its text) for any SPOTConfig field
     teacher: str | None = None          # stage 2: spot-fast run folder / checkpoint, or a reference .pth
     epochs: int | None = setting(None, min=1)       # None: the preset's
     batch_size: int | None = setting(None, min=1)   # per rank; None: the preset's
@@ -73,10 +73,6 @@ class TrainConfig:
     eval_batch_size: int = setting(64, min=1)   # batch size of the validation passes
     progress: bool = True               # rich progress bar on rank 0
     threads: int | None = setting(None, min=1)  # intra-op CPU threads (None: spot_fast.threads policy)
-
-    def __post_init__(self):
-        keys = config_keys()
-        self.overrides = {k: coerce(v, keys[k]) if k in keys else v for k, v in dict(self.overrides).items()}
 
     def validate(self) -> None:
         """Every field, then the run as a whole, then the model config it resolves to (without the
