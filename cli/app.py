@@ -39,7 +39,7 @@ def make_app() -> typer.Typer:
     from spot_fast.cli.bench import bench
     from spot_fast.cli.cache import app as cache_app
     from spot_fast.cli.data import app as data_app
-    from spot_fast.cli.demo import demo
+    from spot_fast.cli.demo import demo_command
     from spot_fast.cli.eval import evaluate
     from spot_fast.cli.sweep import sweep_command
     from spot_fast.cli.train import train_command
@@ -50,7 +50,7 @@ def make_app() -> typer.Typer:
     app.add_typer(data_app, name="data", help="Datasets: make the synthetic one.")
     app.add_typer(cache_app, name="cache", help="Build, inspect and verify feature caches.")
     for name, command in (("train", train_command()), ("eval", evaluate), ("sweep", sweep_command()),
-                          ("bench", bench), ("demo", demo)):
+                          ("bench", bench), ("demo", demo_command())):
         app.command(name, cls=Command)(command)
     return app
 
