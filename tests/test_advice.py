@@ -1,0 +1,63 @@
+"""Advice that works as printed (issue 18): each printed command is run here exactly as printed."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from error_checks import cli  # noqa: E402
+
+from spot_fast.cache import read_manifest  # noqa: E402
+from spot_fast.commands import cache_command  # noqa: E402
+from spot_fast.data.synthetic import SyntheticConfig, write_synthetic  # noqa: E402
+
+
+def run_printed(command: str):
+    """Run a printed `spot-fast ...` command as the user would paste it."""
+    args = shlex.split(command)
+    assert args[0] == "spot-fast", command
+    return cli(*args[1:])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic(root, SyntheticConfig(num_train=5, num_val=3, image_size=32))
+    return root
+
+
+@pytest.mark.parametrize("split, extra", [("train", []), ("val", ["--mask-size", "16", "--dtype", "fp32"])])
+def test_the_rebuild_command_with_split_tokens_runs_and_rebuilds_the_same_cache(data, tmp_path, split, extra):
+    first = tmp_path / "c"
+    res = cli("cache", "synthetic", "--root", data, "--split", split, "--preset", "tiny", "--random-init",
+              "--num-workers", "0", "--no-progress", "--split-block", "0", *extra, "--out", first)
+    assert res.exit_code == 0, res.output
+    old = read_manifest(first)
+    command = cache_command(old, tmp_path / "c-split2", preset="tiny", split_block=2)
+    assert "--preset tiny" in command and "--random-init" in command and "--split-block 2" in command
+    res = run_printed(command + " --num-workers 0 --no-progress")
+    assert res.exit_code == 0, (command, res.output)
+    new = read_manifest(tmp_path / "c-split2")
+    assert new["layers"]["split_block"] == 2
+    for key in ("dataset", "root", "split", "encoder", "weights", "dtype", "mask_size", "format", "content"):
+        assert new[key] == old[key], key
+    from spot_fast.cache import open_cache
+    a, b = (open_cache(p, allow_random_init=True) for p in (first, tmp_path / "c-split2"))
+    reader = "eval_reader" if split == "val" else "train_reader"
+    fa, fb = (next(iter(getattr(c, reader)(5, **({"split_tokens": False} if split == "val" else
+                                                  {"seed": 0, "epoch": 0}))))["features"] for c in (a, b))
+    assert np.array_equal(fa.numpy(), fb.numpy())
+
+
+def test_no_command_where_the_manifest_cannot_say_how():
+    manifest = {"encoder": {"name": "custom", "image_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 2,
+                            "num_heads": 2, "mlp_ratio": 4.0}, "weights": "random-init:0+sincos-position-1.0",
+                "dataset": "synthetic", "root": "d", "split": "train", "layers": {"split_block": None}}
+    assert cache_command(manifest, "x", split_block=1) is None             # the demo's own encoder
+    manifest["weights"] = "3f" * 32                                         # a weights file, path unknown
+    assert cache_command(manifest, "x", split_block=1) is None
