@@ -21,20 +21,28 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------- the caller's language
 
 _ON_CLI = contextvars.ContextVar("spot_fast_on_cli", default=False)
+_COMMAND = contextvars.ContextVar("spot_fast_command", default="")
 
 
 @contextlib.contextmanager
-def speaking_cli():
-    """Inside: messages name command-line options (`--allow-random-init`); outside, Python arguments."""
-    token = _ON_CLI.set(True)
+def speaking_cli(command: str = ""):
+    """Inside: messages name command-line options (`--allow-random-init`); outside, Python arguments.
+    `command`: the running command's path ("spot-fast train"), for advice that differs by command."""
+    tokens = _ON_CLI.set(True), _COMMAND.set(command or _COMMAND.get())
     try:
         yield
     finally:
-        _ON_CLI.reset(token)
+        _ON_CLI.reset(tokens[0])
+        _COMMAND.reset(tokens[1])
 
 
 def on_cli() -> bool:
     return _ON_CLI.get()
+
+
+def current_command() -> str:
+    """The `spot-fast` command running ("spot-fast cache synthetic"), "" in Python."""
+    return _COMMAND.get() if on_cli() else ""
 
 
 def arg(name: str, value=...) -> str:

@@ -155,10 +155,12 @@ def unknown_key(key: str, keys) -> TrainError:
     return TrainError(f"{arg(key)}: no such config field; {hint}")
 
 
-def apply_overrides(cfg: SPOTConfig, overrides: dict[str, object], named: dict[str, str] | None = None) -> SPOTConfig:
-    """The config with every "a.b" -> value set (text is parsed by the field's type), each value
-    checked by its dataclass; an OverrideError naming the key (or the argument `named[key]` that
-    gave it), the value and what it must be."""
+def apply_overrides(cfg: SPOTConfig, overrides: dict[str, object], named: dict[str, str] | None = None,
+                    encoder: EncoderConfig | None = None) -> SPOTConfig:
+    """The config with `encoder` (if given) and every "a.b" -> value set (text is parsed by the
+    field's type), each value checked by its dataclass and the whole config once at the end; an
+    OverrideError names the override that caused a refusal (or the argument `named[key]` that
+    gave it); a ConfigError that no override caused is raised as it is."""
     keys = config_keys()
     groups: dict[str, dict] = {}
     for key, value in overrides.items():
@@ -167,16 +169,19 @@ def apply_overrides(cfg: SPOTConfig, overrides: dict[str, object], named: dict[s
         group, _, name = key.rpartition(".")
         groups.setdefault(group, {})[name] = parse_value(key, value, keys[key]) if isinstance(value, str) else value
     try:
-        changes = {}
+        changes = {} if encoder is None else {"encoder": encoder}
         for group, kv in groups.items():
             try:
-                changes.update({group: dataclasses.replace(getattr(cfg, group), **kv)} if group else kv)
+                changes.update({group: dataclasses.replace(changes.get(group, getattr(cfg, group)), **kv)}
+                               if group else kv)
             except ConfigError as e:
                 raise e.within(group) from None
         return dataclasses.replace(cfg, **changes)
     except ConfigError as e:       # name the override that caused it (its own key, else its group's first)
         group = e.key.rpartition(".")[0]
-        key = e.key if e.key in overrides else next((k for k in overrides if k.startswith(group)), e.key)
+        key = e.key if e.key in overrides else next((k for k in overrides if k.startswith(group)), None)
+        if key is None:
+            raise
         raise OverrideError((named or {}).get(key, key), overrides.get(key), str(e)) from None
 
 
@@ -195,22 +200,29 @@ def check_distinct_variants(configs: list[tuple[str, SPOTConfig]]) -> None:
 # ----------------------------------------------------------------------------- the model config
 
 def encoder_from_manifest(manifest: dict, split_block: int) -> EncoderConfig:
-    """The encoder geometry a cache was built with; `split_block` where the cache stores none."""
+    """The encoder geometry a cache was built with; `split_block` (at most its depth) where the
+    cache stores none (a stage-1 cache: no tail is fine-tuned from it)."""
     e = manifest["encoder"]
     stored = manifest["layers"]["split_block"]
     return EncoderConfig(name=e["name"], image_size=e["image_size"], patch_size=e["patch_size"],
                          embed_dim=e["embed_dim"], depth=e["depth"], num_heads=e["num_heads"],
-                         mlp_ratio=e["mlp_ratio"], split_block=split_block if stored is None else stored)
+                         mlp_ratio=e["mlp_ratio"], split_block=min(split_block, e["depth"]) if stored is None else stored)
 
 
 def model_config(tcfg: TrainConfig, manifest: dict | None = None) -> SPOTConfig:
     """preset(stage) -> the cache's encoder geometry (if any) -> epochs/batch_size/lr -> overrides."""
     cfg = preset(tcfg.preset, stage=tcfg.stage)
-    if manifest is not None:
-        cfg = dataclasses.replace(cfg, encoder=encoder_from_manifest(manifest, cfg.encoder.split_block))
+    encoder = None if manifest is None else encoder_from_manifest(manifest, cfg.encoder.split_block)
     given = {key: getattr(tcfg, name) for key, name in SHADOWED.items() if getattr(tcfg, name) is not None}
     named = {key: name for key, name in SHADOWED.items() if key not in tcfg.overrides}
-    return apply_overrides(cfg, {**given, **tcfg.overrides}, named=named)
+    try:
+        return apply_overrides(cfg, {**given, **tcfg.overrides}, named=named, encoder=encoder)
+    except ConfigError as e:        # the preset's model does not fit the cache's features
+        if encoder is None:
+            raise
+        raise TrainError(f"{arg('preset', tcfg.preset)} does not fit this cache (encoder {encoder.name}, features "
+                         f"{encoder.feature_dim} wide): {e}; use the preset the cache was built with, or set "
+                         f"that field ({arg(e.key)})") from None
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
