@@ -111,11 +111,11 @@ def make_data(cfg: DemoConfig, say=print) -> tuple[Path, bool]:
     if record.is_file():                    # written only once the dataset is complete
         if json.loads(record.read_text())["config"] != want:
             raise DemoError(f"{root} holds a synthetic dataset written with other settings: pass another "
-                            f"--out, or delete {root} (and {Path(cfg.out) / 'cache'}) to start again")
+                            f"{arg('out')}, or delete {root} (and {Path(cfg.out) / 'cache'}) to start again")
         say(f"already generated: {root}")
         return root, True
     if root.exists() and any(root.iterdir()):
-        raise DemoError(f"{root} exists and is not a demo dataset: pass another --out or delete it")
+        raise DemoError(f"{root} exists and is not a demo dataset: pass another {arg('out')} or delete it")
     counts = write_synthetic(root, synthetic_config(cfg))   # atomic: an interrupted write leaves nothing
     record.write_text(json.dumps({"config": want}))
     say(f"generated {counts['train']} train + {counts['val']} val images ({cfg.level} level) in {root}")
@@ -224,7 +224,7 @@ def train_model(tcfg, say=print) -> tuple[Path, bool]:
         diff = config_diff(*({k: v for k, v in d.items() if k not in RESUME_FREE} for d in (have, want)))
         if diff:
             raise DemoError(f"{run} holds a run with other settings ({', '.join(diff)} differ): pass another "
-                            f"--out, or delete {run} to train it again")
+                            f"{arg('out')}, or delete {run} to train it again")
         if teacher is not None and (not record.is_file() or json.loads(record.read_text()) != teacher):
             raise DemoError(f"{run} was distilled from other stage-1 weights than those now in {tcfg.teacher} "
                             f"(retrained since): delete {run} to train stage 2 again from them")

@@ -61,3 +61,28 @@ def test_no_command_where_the_manifest_cannot_say_how():
     assert cache_command(manifest, "x", split_block=1) is None             # the demo's own encoder
     manifest["weights"] = "3f" * 32                                         # a weights file, path unknown
     assert cache_command(manifest, "x", split_block=1) is None
+
+
+def test_arguments_are_named_in_the_callers_language():
+    from spot_fast.errors import arg, speaking_cli
+    python = [arg("allow_random_init", True), arg("drop_last", False), arg("lr", 0.001), arg("teacher"),
+              arg("optim.clip", 0.5)]
+    assert python == ["allow_random_init=True", "drop_last=False", "lr=0.001", "teacher",
+                      "overrides={'optim.clip': 0.5}"]
+    with speaking_cli("spot-fast train"):
+        assert [arg("allow_random_init", True), arg("drop_last", False), arg("lr", 0.001), arg("teacher"),
+                arg("optim.clip", 0.5)] == ["--allow-random-init", "--no-drop-last", "--lr 0.001", "--teacher",
+                                            "--set optim.clip=0.5"]
+
+
+def test_a_data_error_names_the_option_on_the_cli_and_the_argument_in_python(tmp_path):
+    from error_checks import assert_user_error
+
+    from spot_fast.data.base import DatasetError
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "x.txt").write_text("mine")
+    with pytest.raises(DatasetError, match=r"^out .* is not empty: pass overwrite=True to replace"):
+        write_synthetic(out, SyntheticConfig(num_train=1, num_val=1, image_size=16))
+    res = cli("data", "synthetic", "--out", out, "--num-train", "1", "--num-val", "1", "--image-size", "16")
+    assert_user_error(res, f"--out {out} is not empty: pass --overwrite to replace")

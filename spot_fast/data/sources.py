@@ -16,6 +16,7 @@ from spot_fast.data.coco import CocoSource
 from spot_fast.data.folder import FolderSource
 from spot_fast.data.movi import MoviSource
 from spot_fast.data.voc import VocSource
+from spot_fast.errors import arg
 
 SOURCES: dict[str, type] = {"coco": CocoSource, "voc": VocSource, "movi": MoviSource,
                             "folder": FolderSource, "synthetic": CocoSource}
@@ -59,7 +60,7 @@ def check_readable(source: Source, samples: int = 8) -> None:
             reasons.append(bad)
     if reasons:
         raise DatasetError(f"none of {len(picks)} images sampled from {source.name} {source.split} ({n} files) "
-                           f"can be decoded, e.g. {reasons[0]}. Check --root: it should hold the images.")
+                           f"can be decoded, e.g. {reasons[0]}. Check {arg('root')}: it should hold the images.")
 
 
 class ReadableSource:

@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from spot_fast.data.base import DatasetError, check_int
+from spot_fast.errors import arg
 
 CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 2, "name": "rectangle"},
               {"id": 3, "name": "triangle"}, {"id": 4, "name": "pentagon"},
@@ -338,15 +339,15 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     """`out` must be missing or empty; with `overwrite` it may hold a synthetic dataset (only
     LAYOUT), never anything else."""
     if out.exists() and not out.is_dir():
-        raise DatasetError(f"--out {out} is a file: pass a folder")
+        raise DatasetError(f"{arg('out')} {out} is a file: pass a folder")
     found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if found and not overwrite:
-        raise DatasetError(f"--out {out} is not empty: pass --overwrite to replace the dataset there, "
+        raise DatasetError(f"{arg('out')} {out} is not empty: pass {arg('overwrite', True)} to replace the dataset there, "
                            f"or a new folder")
     foreign = [name for name in found if name not in LAYOUT]
     if foreign:
-        raise DatasetError(f"--out {out} holds {foreign[:3]}, which spot-fast data synthetic did not write: "
-                           f"--overwrite replaces only a synthetic dataset; pass a new folder")
+        raise DatasetError(f"{arg('out')} {out} holds {foreign[:3]}, which spot-fast data synthetic did not write: "
+                           f"{arg('overwrite', True)} replaces only a synthetic dataset; pass a new folder")
 
 
 def write_synthetic(out: str | Path, config: SyntheticConfig | None = None,
@@ -367,7 +368,7 @@ def write_synthetic(out: str | Path, config: SyntheticConfig | None = None,
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, OSError):
-            raise DatasetError(f"cannot write --out {out} ({err.strerror or err}: {err.filename}): pass a "
+            raise DatasetError(f"cannot write {arg('out')} {out} ({err.strerror or err}: {err.filename}): pass a "
                                "writable folder with free space") from None
         raise
     if out.is_dir():
