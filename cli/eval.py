@@ -21,7 +21,8 @@ def evaluate(
     device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda if present)."),
     threads: Optional[int] = typer.Option(None, callback=at_least(1), help="Intra-op CPU threads (default: "
                                           "the thread policy: the cores this process may use)."),
-    allow_random_init: bool = typer.Option(False, "--allow-random-init", metavar="", help="Accept a random-init cache."),
+    allow_random_init: bool = typer.Option(False, "--allow-random-init", metavar="",
+                                           help="Accept a random-init cache."),
 ):
     """Evaluate a run: FG-ARI, mBO^i, mBO^c, mIoU of the decoder and slot-attention masks."""
     from spot_fast.evaluate import evaluate_run

@@ -44,7 +44,8 @@ SWEEP_OPTIONS = [
 # TrainConfig fields a sweep does not take: it reads one local cache, not images or a stream.
 NOT_IN_SWEEP = ("images", "dataset", "weights", "stream")
 RUN_DEFAULTS = {"out": "runs/sweep"}
-RUN_HELP = {"progress": "a progress line per epoch (the variants' runs show no bars)","out": "sweep folder: one run folder per variant, summary.md/csv, masks.png",
+RUN_HELP = {"progress": "a progress line per epoch (the variants' runs show no bars)",
+            "out": "sweep folder: one run folder per variant, summary.md/csv, masks.png",
             "teacher": "stage 2: ONE stage-1 run / checkpoint shared by all variants (its forward runs once "
                        "per step)",
             "resume": "continue the sweep in --out after a kill"}

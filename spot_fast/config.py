@@ -68,17 +68,20 @@ class EncoderConfig:
     # Position table of a custom ViT built without weights: "learned" (timm's, ~0 at init, so such
     # features say nothing about where a patch is) | "sincos" (a fixed 2-D sin-cos table: the demo).
     position: Literal["learned", "sincos"] = "learned"
-    position_scale: float = setting(0.25, above=0)  # "sincos": the table's amplitude (about the patch embeddings' scale)
+    # "sincos": the table's amplitude (about the patch embeddings' scale)
+    position_scale: float = setting(0.25, above=0)
 
     def __post_init__(self):
+        if self.name != "custom" and self.name not in ENCODERS:
+            choices = f"choose one of {sorted(ENCODERS)} or 'custom'"
+            raise ConfigError("name", f"must be a key of ENCODERS or 'custom', got {self.name!r}",
+                              f"unknown encoder {self.name!r}: {choices}")
         check_fields(self)
         if self.position != "learned" and self.name != "custom":
             raise ConfigError("position", f"{self.position!r} is for custom encoders only; "
                               f"{self.name!r} brings its own table: leave position='learned'")
         if self.name == "custom" and self.embed_dim % self.num_heads:
             raise ConfigError("num_heads", f"must divide embed_dim {self.embed_dim}, got {self.num_heads}")
-        if self.split_block > self.spec.depth:
-            raise ConfigError("split_block", f"must be <= the encoder's depth {self.spec.depth}, got {self.split_block}")
 
     @property
     def spec(self) -> EncoderSpec:
@@ -111,7 +114,8 @@ class SlotAttentionConfig:
     num_iterations: int = setting(3, min=1, flag="iterations")  # T, slot-attention iterations
     num_heads: int = setting(1, min=1)      # heads of the joint (heads x slots) softmax (divide slot_size); SPOT uses 1
     init: Literal["shared_gaussian", "embedding"] = setting("shared_gaussian", flag="init")  # slot initialisation
-    truncate: Literal["bi-level", "fixed-point", "none"] = setting("none", flag="truncate")  # gradient truncation of the iterations
+    # gradient truncation of the iterations
+    truncate: Literal["bi-level", "fixed-point", "none"] = setting("none", flag="truncate")
     use_kernel: bool = False    # opt-in: the fused Triton step on CUDA (not yet proven on a GPU)
 
     def __post_init__(self):
@@ -122,12 +126,14 @@ class SlotAttentionConfig:
 
 @dataclass
 class DecoderConfig:
-    kind: Literal["transformer", "mlp"] = setting("transformer", flag="decoder")  # transformer (SPOT's AR decoder) | mlp (the DINOSAUR baseline)
+    # transformer (SPOT's AR decoder) | mlp (the DINOSAUR baseline)
+    kind: Literal["transformer", "mlp"] = setting("transformer", flag="decoder")
     num_blocks: int = setting(4, min=1)     # transformer blocks
     num_heads: int = setting(6, min=1)      # attention heads (divide the feature width)
     num_cross_heads: int | None = setting(None, min=1)   # later blocks' cross-attention heads (None: num_heads)
     mlp_hidden: int = setting(2048, min=1)  # hidden width of the MLP decoder
-    train_orders: Literal["random", "per_sample", "standard", "all"] = setting("random", flag="train-orders")  # patch orders in training: one per step | per sample | raster | all
+    # patch orders in training: one per step | one per sample | raster only | all of them
+    train_orders: Literal["random", "per_sample", "standard", "all"] = setting("random", flag="train-orders")
     eval_orders: Literal["standard", "random", "all"] = "standard"   # patch orders decoded in evaluation
 
     def __post_init__(self):
@@ -154,7 +160,7 @@ class OptimConfig:
     lr_min: float = setting(4e-7, min=0)    # end of the per-iteration cosine decay (<= lr)
     warmup_steps: int = setting(10000, min=0)   # warm-up lasts int(warmup_steps / (len(train) / batch)) epochs
     clip: float = setting(0.3, above=0)     # gradient clipping, infinity norm
-    ce_weight: float = setting(5e-3, min=0, flag="ce-weight")   # stage-2 distillation weight (start of its cosine schedule)
+    ce_weight: float = setting(5e-3, min=0, flag="ce-weight")   # stage-2 distillation weight (cosine start)
     final_ce_weight: float | None = setting(None, min=0)  # end of that schedule (None: constant ce_weight)
 
     def __post_init__(self):
@@ -173,6 +179,9 @@ class SPOTConfig:
 
     def __post_init__(self):
         check_fields(self)
+        if self.stage == 2 and self.encoder.split_block >= self.encoder.spec.depth:
+            raise ConfigError("encoder.split_block", f"must be below the encoder's depth {self.encoder.spec.depth} "
+                              f"(stage 2 fine-tunes the blocks from it on), got {self.encoder.split_block}")
         d = self.decoder
         for heads in {d.num_heads, d.cross_heads} if d.kind == "transformer" else ():
             if self.feature_dim % heads:

@@ -176,7 +176,8 @@ def make_caches(cfg: DemoConfig, data: Path, say=print) -> tuple[Path, bool]:
         source = open_source("synthetic", data, split, image_size=enc.image_size, mask_size=enc.image_size)
         result = build_cache(source, encoder, spec, folder / split, batch_size=64, num_workers=0,
                              device=cfg.device, progress=cfg.progress)
-        say(f"cached {split}: {result.manifest['counts']['images']} images in {result.seconds:.1f}s -> {folder / split}")
+        say(f"cached {split}: {result.manifest['counts']['images']} images in {result.seconds:.1f}s "
+            f"-> {folder / split}")
     return folder, reused
 
 

@@ -29,13 +29,13 @@ class ConfigError(UserError, ValueError):
     """A config value its field does not take. `key` names the field (dotted inside SPOTConfig:
     "slot_attention.num_slots"); the message reads "slot_attention num_slots must be >= 1, got 0"."""
 
-    def __init__(self, key: str, problem: str):
-        self.key, self.problem = key, problem
-        super().__init__(f"{key.replace('.', ' ')} {problem}")
+    def __init__(self, key: str, problem: str, message: str | None = None):
+        self.key, self.problem, self.message = key, problem, message
+        super().__init__(message or f"{key.replace('.', ' ')} {problem}")
 
     def within(self, section: str) -> "ConfigError":
         """The same error named from the enclosing config (`section.key`)."""
-        return ConfigError(f"{section}.{self.key}", self.problem)
+        return ConfigError(f"{section}.{self.key}", self.problem, self.message)
 
 
 def setting(default=dataclasses.MISSING, *, min=None, above=None, max=None, choices=None, factory=None,

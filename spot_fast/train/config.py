@@ -200,13 +200,12 @@ def check_distinct_variants(configs: list[tuple[str, SPOTConfig]]) -> None:
 # ----------------------------------------------------------------------------- the model config
 
 def encoder_from_manifest(manifest: dict, split_block: int) -> EncoderConfig:
-    """The encoder geometry a cache was built with; `split_block` (at most its depth) where the
-    cache stores none (a stage-1 cache: no tail is fine-tuned from it)."""
+    """The encoder geometry a cache was built with; `split_block` where the cache stores none."""
     e = manifest["encoder"]
     stored = manifest["layers"]["split_block"]
     return EncoderConfig(name=e["name"], image_size=e["image_size"], patch_size=e["patch_size"],
                          embed_dim=e["embed_dim"], depth=e["depth"], num_heads=e["num_heads"],
-                         mlp_ratio=e["mlp_ratio"], split_block=min(split_block, e["depth"]) if stored is None else stored)
+                         mlp_ratio=e["mlp_ratio"], split_block=split_block if stored is None else stored)
 
 
 def model_config(tcfg: TrainConfig, manifest: dict | None = None) -> SPOTConfig:
