@@ -41,12 +41,13 @@ def encoder_args(encoder: dict, preset: str | None = None) -> list[str] | None:
 
 def cache_command(manifest: dict, out, *, preset: str | None = None, **changes) -> str | None:
     """The `spot-fast cache` command that builds the cache `manifest` describes into `out`, with
-    `changes` (manifest keys: split_block, dtype, ...); None when the manifest cannot say how."""
+    `changes` (split, split_block, dtype, ...: manifest keys); None when the manifest cannot say how."""
     enc = encoder_args(manifest["encoder"], preset)
     weights = _RANDOM.match(str(manifest["weights"]))
     if enc is None or not weights:
         return None          # a weights file (only its sha256 is recorded) or the demo's encoder
-    args = ["spot-fast", "cache", manifest["dataset"], "--root", str(manifest["root"]), "--split", manifest["split"],
+    split = changes.pop("split", manifest["split"])
+    args = ["spot-fast", "cache", manifest["dataset"], "--root", str(manifest["root"]), "--split", split,
             *enc, "--random-init", "--seed", weights.group(1)]
     settings = {**{k: manifest.get(k) for k in _STORAGE}, "mask_size": manifest.get("mask_size"),
                 "split_block": manifest["layers"]["split_block"], **changes}

@@ -86,3 +86,17 @@ def test_a_data_error_names_the_option_on_the_cli_and_the_argument_in_python(tmp
         write_synthetic(out, SyntheticConfig(num_train=1, num_val=1, image_size=16))
     res = cli("data", "synthetic", "--out", out, "--num-train", "1", "--num-val", "1", "--image-size", "16")
     assert_user_error(res, f"--out {out} is not empty: pass --overwrite to replace")
+
+
+def test_eval_on_a_train_cache_prints_the_command_that_builds_the_val_cache(data, tmp_path):
+    from error_checks import assert_user_error
+    train = tmp_path / "c" / "train"
+    assert cli("cache", "synthetic", "--root", data, "--split", "train", "--preset", "tiny", "--random-init",
+               "--num-workers", "0", "--no-progress", "--out", train).exit_code == 0
+    line = assert_user_error(cli("eval", tmp_path / "run", "--cache", train, "--allow-random-init"),
+                             f"--cache {train} is a train cache")
+    command = line.split("build one with `", 1)[1].rstrip("`")
+    res = run_printed(command + " --num-workers 0 --no-progress --mask-size 16")
+    assert res.exit_code == 0, (command, res.output)
+    val = read_manifest(tmp_path / "c" / "val")
+    assert val["split"] == "val" and val["encoder"] == read_manifest(train)["encoder"]
