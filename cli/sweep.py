@@ -67,6 +67,9 @@ def sweep_command():
         with flag_errors(flags, values, set_):
             scfg.validate()
             check_variants(scfg)
+        if cfg.threads is not None:     # the trainer applies the thread policy to None
+            from spot_fast.threads import configure_threads
+            configure_threads(cfg.threads)
         if plan:
             typer.echo(plan_sweep(scfg))
             return

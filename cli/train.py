@@ -106,10 +106,13 @@ def train_command():
 
     def train(set_: list[str], **values):
         """Train SPOT stage 1 or 2 from a feature cache (or from images), resumable, on one GPU or many."""
+        from spot_fast.threads import configure_threads
         from spot_fast.train import train as run_training
         cfg = train_config(flags, values, set_)
         with flag_errors(flags, values, set_):
             cfg.validate()
+        if cfg.threads is not None:     # the trainer applies the thread policy to None
+            configure_threads(cfg.threads)
         run = run_training(cfg)
         if first_rank():
             typer.echo(f"run finished: {run}")

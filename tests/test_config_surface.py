@@ -196,3 +196,27 @@ def test_dataset_names_are_those_open_source_takes():
     from spot_fast.data import DATASET_NAMES
     from spot_fast.data.sources import SOURCES
     assert tuple(SOURCES) == DATASET_NAMES
+
+
+@pytest.mark.parametrize("sets, words", [
+    (["stage=2"], ["an override cannot set the stage", "--stage 2"]),
+    (["slot_attention.num_iterations=0"], ["num_iterations=0", "must be >= 1"]),
+    (["slot_attention.num_slots=2.5"], ["num_slots=2.5", "type int"]),
+    (["optim.final_ce_weight=-1"], ["final_ce_weight=-1", "must be >= 0"]),
+    (["encoder.patch_size=0"], ["encoder.patch_size=0", "must be >= 1"]),
+    (["decoder.eval_orders=spiral"], ["decoder.eval_orders=spiral", "must be one of standard, random, all"]),
+])
+def test_set_values_are_checked_by_their_field(tmp_path, captured, sets, words):
+    res = invoke("train", *TINY, "--out", tmp_path / "r", *[a for s in sets for a in ("--set", s)])
+    assert_user_error(res, *words)
+    assert not captured
+
+
+def test_threads_reaches_the_config_and_torch(tmp_path, captured):
+    import torch
+    before = torch.get_num_threads()
+    try:
+        assert invoke("train", *TINY, "--out", tmp_path / "r", "--threads", "1").exit_code == 0
+        assert captured[0].threads == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

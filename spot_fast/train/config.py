@@ -89,6 +89,8 @@ class TrainConfig:
              f"stage 2 needs {arg('teacher')} (a stage-1 run or checkpoint)"),
             (self.stage == 2 or self.teacher is None,
              f"{arg('teacher')} is for stage 2 (stage 1 has no teacher): drop it, or give {arg('stage', 2)}"),
+            ("stage" not in self.overrides,
+             f"an override cannot set the stage: give {arg('stage', 2)} (it picks the preset's stage-2 model)"),
             (self.stream is None or self.images is None,
              f"{arg('stream')} needs the train cache's manifest: give {sources[0]} or {sources[1]} (a copy of the "
              f"manifest folder is enough), not {sources[2]}"),
