@@ -1,4 +1,4 @@
-"""`spot-fast sweep`: the options of `spot-fast train` (generated from the same dataclasses) and
+"""`spot-fast sweep`: the options of `spot-fast train` (cli/train_options.py: the same dataclasses) and
 the sweep's own, validated, then `spot_fast.sweep.run.sweep`.
 
     spot-fast sweep --cache CACHE --preset coco --grid slot_attention.num_slots=5,6,7 \
@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 
 from spot_fast.cli.options import command
-from spot_fast.cli.train import SET, flag_errors, model_flags, run_flags, train_config
+from spot_fast.cli.train_options import SET, flag_errors, model_flags, run_flags, train_config
 
 
 def _option(name: str, annotation, default, *decls, **kw) -> inspect.Parameter:

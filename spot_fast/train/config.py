@@ -35,7 +35,6 @@ class OverrideError(TrainError):
         super().__init__(f"{where}: {problem}")
 
 
-PRECISIONS = ("auto", "bf16", "fp32")
 # SPOTConfig fields a TrainConfig field of the same name sets (None there: the preset's value).
 SHADOWED = {"optim.epochs": "epochs", "optim.batch_size": "batch_size", "optim.lr": "lr"}
 MAX_SEED = 2**63 - 1
