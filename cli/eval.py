@@ -27,7 +27,7 @@ def evaluate(
     """Evaluate a run: FG-ARI, mBO^i, mBO^c, mIoU of the decoder and slot-attention masks."""
     from spot_fast.evaluate import evaluate_run
     from spot_fast.threads import configure_threads
-    from spot_fast.train.config import TrainError, check_device
+    from spot_fast.train_config import TrainError, check_device
     if orders not in ORDERS:
         raise TrainError(f"--orders must be one of {', '.join(ORDERS)}, got {orders!r}")
     check_device(device)
@@ -47,7 +47,7 @@ def evaluate(
 def check_val_cache(cache: Path) -> None:
     """A TrainError unless `cache` is a val cache (the only kind with ground-truth masks)."""
     from spot_fast.cache import read_manifest
-    from spot_fast.train.config import TrainError
+    from spot_fast.train_config import TrainError
     if not (cache / "manifest.json").is_file():
         return                      # the cache reader says what is there instead
     from spot_fast.commands import cache_command

@@ -17,7 +17,7 @@ import typer
 from spot_fast.cli.options import Flag, config_flags, values_of
 from spot_fast.config import SPOTConfig
 from spot_fast.fields import type_hints
-from spot_fast.train.config import SHADOWED, OverrideError, TrainConfig, TrainError
+from spot_fast.train_config import SHADOWED, OverrideError, TrainConfig, TrainError
 
 # What a flag implies when the same command line does not say otherwise: `--decoder mlp` is the
 # DINOSAUR baseline, which only has the raster order.

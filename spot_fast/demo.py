@@ -34,7 +34,7 @@ from spot_fast.demo_report import (MODEL_TITLES, MODELS, TILE_ZOOM, beats_baseli
                                    format_table, model_metrics, table_rows, write_report)
 from spot_fast.errors import UserError, arg
 from spot_fast.fields import ConfigError, check_fields, setting
-from spot_fast.train.config import MAX_SEED, TrainError, check_device
+from spot_fast.train_config import MAX_SEED, TrainError, check_device
 
 # Stage 1 and DINOSAUR start each slot from its own learned value (stage 2's init) instead of the
 # reference's shared Gaussian, which at this length left them far behind (the presets keep it).
@@ -214,7 +214,7 @@ def train_model(tcfg, say=print) -> tuple[Path, bool]:
     the same settings (and, for stage 2, the same teacher weights) is reused; an interrupted one
     is resumed. (The run folder, whether it was reused.)"""
     from spot_fast.train import train
-    from spot_fast.train.config import RESUME_FREE, config_diff
+    from spot_fast.train_config import RESUME_FREE, config_diff
     from spot_fast.train.state import step_checkpoints
     run = Path(tcfg.out)
     config_file, record = run / "config.json", run / TEACHER_RECORD

@@ -15,7 +15,7 @@ from error_checks import assert_user_error, flat  # noqa: E402
 
 import spot_fast.config as config  # noqa: E402
 from spot_fast.fields import ConfigError, setting  # noqa: E402
-from spot_fast.train.config import OverrideError, TrainConfig, TrainError, model_config  # noqa: E402
+from spot_fast.train_config import OverrideError, TrainConfig, TrainError, model_config  # noqa: E402
 
 TINY = ["--cache", "no-cache-needed", "--preset", "tiny", "--allow-random-init", "--no-progress"]
 
@@ -220,3 +220,14 @@ def test_threads_reaches_the_config_and_torch(tmp_path, captured):
         assert captured[0].threads == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_command_line_builds_its_options_without_loading_the_trainer():
+    """TrainConfig sits below the trainer: `spot-fast --help` does not import the model, kernels or
+    cache readers to list the train options."""
+    import subprocess
+    code = ("import sys, spot_fast.cli.app; "
+            "print(sorted(m for m in sys.modules if m.split('.')[:2] == ['spot_fast', 'train']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
