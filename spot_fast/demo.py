@@ -272,7 +272,7 @@ def run_demo(cfg: DemoConfig, say=print) -> DemoResult:
         return value
 
     def train_step(name):
-        say(f"{MODEL_TITLES[name]}{' (SPOT stage 1 with the MLP decoder)' if name == 'dinosaur' else ''}:")
+        say(f"== {MODEL_TITLES[name]} -> {Path(cfg.out) / name}")
         return train_model(train_config(cfg, name, cache), say)
 
     data = timed("data", make_data, cfg, say)

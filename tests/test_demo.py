@@ -72,6 +72,7 @@ def test_table_holds_the_runs_metrics(demo_run):
             assert cells in report
     table = "\n".join(lines)
     assert re.search(r"SPOT stage 1\s+decoder\s+-?\d+\.\d", table)
+    assert f"== DINOSAUR (MLP decoder) -> {out / 'dinosaur'}" in lines       # not announced as stage 1
 
 
 def test_baselines_in_the_table_are_scored_independently(demo_run):
