@@ -16,6 +16,7 @@ import dataclasses
 import inspect
 import io
 import math
+import numbers
 import tokenize
 import typing
 from functools import cache
@@ -85,9 +86,9 @@ def problem_with(f: dataclasses.Field, hint, value) -> str | None:
         return None if ok else f"must be {say_choices(choices)}, got {value!r}"
     if t is bool and not isinstance(value, bool):
         return f"must be true or false, got {value!r}"
-    if t is int and (isinstance(value, bool) or not isinstance(value, int)):
+    if t is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         return f"must be an integer, got {value!r}"
-    if t is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+    if t is float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         return f"must be a number, got {value!r}"
     if t is str and not isinstance(value, str):
         return f"must be a string, got {value!r}"
