@@ -1,6 +1,7 @@
 """Advice that works as printed (issue 18): each printed command is run here exactly as printed."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -100,3 +101,28 @@ def test_eval_on_a_train_cache_prints_the_command_that_builds_the_val_cache(data
     assert res.exit_code == 0, (command, res.output)
     val = read_manifest(tmp_path / "c" / "val")
     assert val["split"] == "val" and val["encoder"] == read_manifest(train)["encoder"]
+
+
+def test_ctrl_c_in_training_says_what_is_kept_and_the_resume_command_runs_as_printed(tmp_path, monkeypatch):
+    import spot_fast.train
+    seen = []
+
+    def interrupted(cfg):
+        seen.append(cfg)
+        if cfg.resume:
+            return Path(cfg.out)
+        (Path(cfg.out) / "checkpoints").mkdir(parents=True)
+        for step in (4, 8):
+            (Path(cfg.out) / "checkpoints" / f"step-{step:08d}.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(spot_fast.train, "train", interrupted)
+    out = tmp_path / "run"
+    res = cli("train", "--cache", tmp_path / "c", "--preset", "tiny", "--allow-random-init", "--no-progress",
+              "--slots", "4", "--set", "optim.clip=0.5", "--lr", "0.002", "--out", out)
+    assert res.exit_code == 130, res.output
+    line = next(x for x in res.output.splitlines() if x.startswith("interrupted;"))
+    assert f"{out} keeps its checkpoints up to step-00000008.pt" in line
+    resumed = run_printed(line.split("continue exactly with `", 1)[1].rstrip("`"))
+    assert resumed.exit_code == 0, resumed.output
+    first, again = seen
+    assert again.resume and dataclasses.replace(again, resume=False).to_dict() == first.to_dict()
