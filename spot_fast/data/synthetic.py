@@ -251,8 +251,8 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         raise DatasetError(f"{arg('out')} {out} is a file: pass a folder")
     found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if found and not overwrite:
-        raise DatasetError(f"{arg('out')} {out} is not empty: pass {arg('overwrite', True)} to replace the dataset there, "
-                           f"or a new folder")
+        raise DatasetError(f"{arg('out')} {out} is not empty: pass {arg('overwrite', True)} to replace the dataset "
+                           "there, or a new folder")
     foreign = [name for name in found if name not in LAYOUT]
     if foreign:
         raise DatasetError(f"{arg('out')} {out} holds {foreign[:3]}, which spot-fast data synthetic did not write: "
