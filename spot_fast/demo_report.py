@@ -120,7 +120,7 @@ def write_report(cfg, rows: list[dict], times: dict[str, float], reused: list[st
     """OUT/report.md of DemoConfig `cfg`: what ran, the table, which models beat the baselines, the
     pictures, caveats, and the wall times of the runs that made the results (`reused`: the steps
     this invocation found done)."""
-    beat = beats_baselines(rows)
+    beat, threads = beats_baselines(rows), torch.get_num_threads()
     k = next(r["model"] for r in rows if r["model"].startswith("trivial: grid"))
     lines = [
         "# spot-fast demo",
@@ -157,7 +157,7 @@ def write_report(cfg, rows: list[dict], times: dict[str, float], reused: list[st
         "",
         "## Run",
         "",
-        f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads; wall time "
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} thread{'s' * (threads != 1)}; wall time "
         "of the runs that made these results: " + ", ".join(f"{name} {seconds(sec)}" for name, sec in times.items())
         + "." + (f" Reused by this invocation: {', '.join(reused)}." if reused else ""),
         "",
