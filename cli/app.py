@@ -11,9 +11,6 @@ import typer  # noqa: E402
 from spot_fast.cli.errors import ErrorReportingGroup
 from spot_fast.cli.help import Command
 
-app = typer.Typer(name="spot-fast", no_args_is_help=True, add_completion=False, cls=ErrorReportingGroup,
-                  help="Train SPOT from cached frozen ViT features, fast and exact.")
-
 
 def _print_version(value: bool) -> None:
     if value:
@@ -22,7 +19,6 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def root(
     debug: bool = typer.Option(False, "--debug", metavar="",
                                help="Show the traceback of errors (also: SPOT_FAST_DEBUG=1)."),
@@ -32,27 +28,35 @@ def root(
     """spot-fast: extract frozen features once, train SPOT from the cache."""
 
 
-@app.command(cls=Command)
 def version():
     """Print the spot-fast version."""
     _print_version(True)
 
 
-def _register():
+def make_app() -> typer.Typer:
+    """The `spot-fast` command, built now: `train` and `sweep` take their options from the config
+    dataclasses as they are at this moment."""
     from spot_fast.cli.bench import bench
     from spot_fast.cli.cache import app as cache_app
     from spot_fast.cli.data import app as data_app
-    from spot_fast.cli.demo import demo
+    from spot_fast.cli.demo import demo_command
     from spot_fast.cli.eval import evaluate
-    from spot_fast.cli.sweep import sweep
-    from spot_fast.cli.train import train
+    from spot_fast.cli.sweep import sweep_command
+    from spot_fast.cli.train import train_command
+    app = typer.Typer(name="spot-fast", no_args_is_help=True, add_completion=False, cls=ErrorReportingGroup,
+                      help="Train SPOT from cached frozen ViT features, fast and exact.")
+    app.callback()(root)
+    app.command(cls=Command)(version)
     app.add_typer(data_app, name="data", help="Datasets: make the synthetic one.")
     app.add_typer(cache_app, name="cache", help="Build, inspect and verify feature caches.")
-    for name, command in (("train", train), ("eval", evaluate), ("sweep", sweep), ("bench", bench), ("demo", demo)):
+    for name, command in (("train", train_command()), ("eval", evaluate), ("sweep", sweep_command()),
+                          ("bench", bench), ("demo", demo_command())):
         app.command(name, cls=Command)(command)
+    return app
 
 
-_register()
+
+app = make_app()
 
 
 def main():

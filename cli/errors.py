@@ -9,6 +9,7 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import typer
 
@@ -20,8 +21,9 @@ DEBUG_ENV = "SPOT_FAST_DEBUG"
 _HINT_KEY = "spot_fast.on_interrupt"
 
 
-def on_interrupt(ctx: typer.Context, message: str) -> None:
-    """What Ctrl-C during the command of `ctx` leaves behind (printed after "interrupted; ")."""
+def on_interrupt(ctx: typer.Context, message: str | Callable[[], str]) -> None:
+    """What Ctrl-C during the command of `ctx` leaves behind (printed after "interrupted; "); a
+    callable is asked at the moment of the interrupt (what is kept then)."""
     ctx.meta[_HINT_KEY] = message
 
 
@@ -43,10 +45,13 @@ class ErrorReportingGroup(Group):
     """The root command group: turns expected errors into one line and an exit code."""
 
     def invoke(self, ctx: typer.Context):
+        from spot_fast.errors import speaking_cli
         try:
-            return super().invoke(ctx)
+            with speaking_cli():        # messages name the command's options, not Python arguments
+                return super().invoke(ctx)
         except KeyboardInterrupt:
             hint = ctx.meta.get(_HINT_KEY, "nothing was finished")
+            hint = hint() if callable(hint) else hint
             typer.secho(f"interrupted; {hint}", fg="yellow", err=True)
             raise typer.Exit(INTERRUPTED_EXIT) from None
         except expected_errors() as err:

@@ -17,7 +17,12 @@ class PlainHelp:
 
 
 class Command(PlainHelp, TyperCommand):
-    pass
+    """A `spot-fast` command: while it runs, messages know its name (`spot_fast.errors.current_command`)."""
+
+    def invoke(self, ctx: typer.Context):
+        from spot_fast.errors import speaking_cli
+        with speaking_cli(ctx.command_path):
+            return super().invoke(ctx)
 
 
 class Group(PlainHelp, TyperGroup):

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
+
+from spot_fast.fields import ConfigError, check_fields, setting
 
 
 @dataclass(frozen=True)
@@ -53,28 +56,32 @@ ENCODERS: dict[str, EncoderSpec] = {
 
 @dataclass
 class EncoderConfig:
-    name: str = "dino_vitb16"   # a key of ENCODERS, or "custom" (a plain ViT from the fields below)
-    image_size: int = 224       # square input resolution
-    split_block: int = 8        # stage 2 fine-tunes blocks >= this index (of `depth`)
+    name: str = setting("dino_vitb16", choices=(*ENCODERS, "custom"))  # a key of ENCODERS, or "custom" (a plain ViT)
+    image_size: int = setting(224, min=1)   # square input resolution
+    split_block: int = setting(8, min=0)    # stage 2 fine-tunes blocks >= this index (of `depth`)
     # Only read when name == "custom" (tests, the demo): a timm VisionTransformer of this shape.
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
+    patch_size: int = setting(16, min=1)    # custom ViT: pixels per patch side
+    embed_dim: int = setting(768, min=1)    # custom ViT: token width
+    depth: int = setting(12, min=1)         # custom ViT: blocks
+    num_heads: int = setting(12, min=1)     # custom ViT: attention heads (divide embed_dim)
+    mlp_ratio: float = setting(4.0, above=0)    # custom ViT: block MLP width / embed_dim
     # Position table of a custom ViT built without weights: "learned" (timm's, ~0 at init, so such
     # features say nothing about where a patch is) | "sincos" (a fixed 2-D sin-cos table: the demo).
-    position: str = "learned"
-    position_scale: float = 0.25    # "sincos": the table's amplitude (about the patch embeddings' scale)
+    position: Literal["learned", "sincos"] = "learned"
+    # "sincos": the table's amplitude (about the patch embeddings' scale)
+    position_scale: float = setting(0.25, above=0)
 
     def __post_init__(self):
-        if self.position not in ("learned", "sincos"):
-            raise ValueError(f"encoder position must be 'learned' or 'sincos', got {self.position!r}")
+        if self.name != "custom" and self.name not in ENCODERS:
+            choices = f"choose one of {sorted(ENCODERS)} or 'custom'"
+            raise ConfigError("name", f"must be a key of ENCODERS or 'custom', got {self.name!r}",
+                              f"unknown encoder {self.name!r}: {choices}")
+        check_fields(self)
         if self.position != "learned" and self.name != "custom":
-            raise ValueError(f"encoder position {self.position!r} is for custom encoders only; "
-                             f"{self.name!r} brings its own table: leave position='learned'")
-        if not self.position_scale > 0:
-            raise ValueError(f"encoder position_scale must be > 0, got {self.position_scale}")
+            raise ConfigError("position", f"{self.position!r} is for custom encoders only; "
+                              f"{self.name!r} brings its own table: leave position='learned'")
+        if self.name == "custom" and self.embed_dim % self.num_heads:
+            raise ConfigError("num_heads", f"must divide embed_dim {self.embed_dim}, got {self.num_heads}")
 
     @property
     def spec(self) -> EncoderSpec:
@@ -101,43 +108,39 @@ class EncoderConfig:
 
 @dataclass
 class SlotAttentionConfig:
-    num_slots: int = 7          # K
-    slot_size: int = 256        # S
-    mlp_hidden: int = 1024      # hidden width of the slot-update MLP
-    num_iterations: int = 3     # T
-    num_heads: int = 1          # heads of the joint (heads x slots) softmax; SPOT uses 1
-    init: str = "shared_gaussian"   # "shared_gaussian" | "embedding"
-    truncate: str = "none"          # "bi-level" | "fixed-point" | "none"
+    num_slots: int = setting(7, min=1, flag="slots")        # K, slots per image
+    slot_size: int = setting(256, min=1)    # S, slot width
+    mlp_hidden: int = setting(1024, min=1)  # hidden width of the slot-update MLP
+    num_iterations: int = setting(3, min=1, flag="iterations")  # T, slot-attention iterations
+    num_heads: int = setting(1, min=1)      # heads of the joint (heads x slots) softmax (divide slot_size); SPOT uses 1
+    init: Literal["shared_gaussian", "embedding"] = setting("shared_gaussian", flag="init")  # slot initialisation
+    # gradient truncation of the iterations
+    truncate: Literal["bi-level", "fixed-point", "none"] = setting("none", flag="truncate")
     use_kernel: bool = False    # opt-in: the fused Triton step on CUDA (not yet proven on a GPU)
 
     def __post_init__(self):
-        if self.init not in ("shared_gaussian", "embedding"):
-            raise ValueError(f"slot init must be 'shared_gaussian' or 'embedding', got {self.init!r}")
-        if self.truncate not in ("bi-level", "fixed-point", "none"):
-            raise ValueError(f"truncate must be 'bi-level', 'fixed-point' or 'none', got {self.truncate!r}")
+        check_fields(self)
         if self.slot_size % self.num_heads:
-            raise ValueError(f"slot_size {self.slot_size} is not divisible by num_heads {self.num_heads}")
+            raise ConfigError("num_heads", f"must divide slot_size {self.slot_size}, got {self.num_heads}")
 
 
 @dataclass
 class DecoderConfig:
-    kind: str = "transformer"   # "transformer" (SPOT's AR decoder) | "mlp" (DINOSAUR baseline)
-    num_blocks: int = 4
-    num_heads: int = 6
-    num_cross_heads: int | None = None   # later blocks' cross-attention heads (None: num_heads)
-    mlp_hidden: int = 2048      # hidden width of the MLP decoder
-    train_orders: str = "random"     # "random" (one order per step) | "per_sample" | "standard" | "all"
-    eval_orders: str = "standard"    # "standard" | "random" | "all"
+    # transformer (SPOT's AR decoder) | mlp (the DINOSAUR baseline)
+    kind: Literal["transformer", "mlp"] = setting("transformer", flag="decoder")
+    num_blocks: int = setting(4, min=1)     # transformer blocks
+    num_heads: int = setting(6, min=1)      # attention heads (divide the feature width)
+    num_cross_heads: int | None = setting(None, min=1)   # later blocks' cross-attention heads (None: num_heads)
+    mlp_hidden: int = setting(2048, min=1)  # hidden width of the MLP decoder
+    # patch orders in training: one per step | one per sample | raster only | all of them
+    train_orders: Literal["random", "per_sample", "standard", "all"] = setting("random", flag="train-orders")
+    eval_orders: Literal["standard", "random", "all"] = "standard"   # patch orders decoded in evaluation
 
     def __post_init__(self):
-        if self.kind not in ("transformer", "mlp"):
-            raise ValueError(f"decoder kind must be 'transformer' or 'mlp', got {self.kind!r}")
-        if self.train_orders not in ("random", "per_sample", "standard", "all"):
-            raise ValueError(f"train_orders must be random|per_sample|standard|all, got {self.train_orders!r}")
-        if self.eval_orders not in ("standard", "random", "all"):
-            raise ValueError(f"eval_orders must be standard|random|all, got {self.eval_orders!r}")
+        check_fields(self)
         if self.kind == "mlp" and (self.train_orders != "standard" or self.eval_orders != "standard"):
-            raise ValueError("the MLP decoder only has the raster order: use train_orders=eval_orders='standard'")
+            raise ConfigError("kind", "is 'mlp': the MLP decoder only has the raster order; "
+                              "give it train_orders and eval_orders 'standard'")
 
     @property
     def cross_heads(self) -> int:
@@ -151,14 +154,19 @@ class DecoderConfig:
 
 @dataclass
 class OptimConfig:
-    batch_size: int = 64
-    epochs: int = 50
-    lr: float = 4e-4            # peak learning rate (Adam, betas 0.9/0.999, no weight decay)
-    lr_min: float = 4e-7        # end of the per-iteration cosine decay
-    warmup_steps: int = 10000   # warm-up lasts int(warmup_steps / (len(train) / batch)) epochs
-    clip: float = 0.3           # gradient clipping, infinity norm
-    ce_weight: float = 5e-3     # stage-2 distillation weight (start of its cosine schedule)
-    final_ce_weight: float | None = None  # end of that schedule (None: constant ce_weight)
+    batch_size: int = setting(64, min=1)    # images per optimiser step on each rank
+    epochs: int = setting(50, min=1)        # passes over the train cache
+    lr: float = setting(4e-4, above=0)      # peak learning rate (Adam, betas 0.9/0.999, no weight decay)
+    lr_min: float = setting(4e-7, min=0)    # end of the per-iteration cosine decay (<= lr)
+    warmup_steps: int = setting(10000, min=0)   # warm-up lasts int(warmup_steps / (len(train) / batch)) epochs
+    clip: float = setting(0.3, above=0)     # gradient clipping, infinity norm
+    ce_weight: float = setting(5e-3, min=0, flag="ce-weight")   # stage-2 distillation weight (cosine start)
+    final_ce_weight: float | None = setting(None, min=0)  # end of that schedule (None: constant ce_weight)
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.lr_min > self.lr:
+            raise ConfigError("lr_min", f"must be <= lr {self.lr:g}, got {self.lr_min:g}")
 
 
 @dataclass
@@ -167,7 +175,18 @@ class SPOTConfig:
     slot_attention: SlotAttentionConfig = field(default_factory=SlotAttentionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    stage: int = 1              # 1: frozen encoder; 2: student with a fine-tuned encoder tail
+    stage: Literal[1, 2] = 1    # 1: frozen encoder; 2: student with a fine-tuned encoder tail
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.stage == 2 and self.encoder.split_block >= self.encoder.spec.depth:
+            raise ConfigError("encoder.split_block", f"must be below the encoder's depth {self.encoder.spec.depth} "
+                              f"(stage 2 fine-tunes the blocks from it on), got {self.encoder.split_block}")
+        d = self.decoder
+        for heads in {d.num_heads, d.cross_heads} if d.kind == "transformer" else ():
+            if self.feature_dim % heads:
+                raise ConfigError("decoder.num_heads", f"must divide the feature width {self.feature_dim} "
+                                  f"(num_heads and num_cross_heads), got {heads}")
 
     @property
     def feature_dim(self) -> int:
@@ -228,12 +247,8 @@ def _tiny() -> SPOTConfig:
 
 def _demo() -> SPOTConfig:
     """`spot-fast demo`: 64 px synthetic scenes, a 2-block random-init ViT (8x8 patches of 8 px,
-    64 wide) with a sin-cos position table as strong as its patch embeddings (scale 1: masks follow
-    places as well as colours; 0.25 gave mBO^i ~10 lower), 7 small slots (3-4 objects + background;
-    7 keeps objects from sharing a slot, and a grid of 7 has to split objects), small decoders,
-    a short high-lr schedule (50 epochs: 30 left FG-ARI ~8 lower): minutes on a CPU. Stage 2
-    (_STAGE2_OPTIM) gets 50 epochs too (~100 s on 2 cores; 30 left its decoder masks' FG-ARI 2-4
-    lower, 49.6-52.3 against 53.8-54.1 over seeds 0-2)."""
+    64 wide) with a sin-cos position table as strong as its patch embeddings, 7 small slots
+    (3-4 objects + background), small decoders and a short high-lr schedule: minutes on a CPU."""
     return SPOTConfig(
         encoder=EncoderConfig(name="custom", image_size=64, patch_size=8, embed_dim=64, depth=2,
                               num_heads=2, split_block=1, position="sincos", position_scale=1.0),
@@ -247,7 +262,7 @@ PRESETS = {"coco": _coco, "voc": _voc, "movi-c": lambda: _movi(11), "movi-e": la
 
 # Stage-2 epochs and learning rates where they differ from stage 1 (spec section 5).
 _STAGE2_OPTIM = {"movi-c": dict(epochs=30, lr_min=1.5e-4), "movi-e": dict(epochs=30, lr_min=1.5e-4),
-                 "demo": dict(epochs=50)}  # demo: as long as the time budget allows (see _demo)
+                 "demo": dict(epochs=50)}
 
 
 def preset(name: str, stage: int = 1) -> SPOTConfig:

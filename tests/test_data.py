@@ -386,3 +386,36 @@ def test_rle_string_counts_match_pycocotools_encoder():
         encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"]
         assert rle_string_counts(encoded) == uncompressed_rle(mask)["counts"]
     assert rle_string_counts(encoded + b"P") is None                  # cut inside a run length
+
+
+def test_a_16_bit_png_decodes_to_its_8_bit_values(tmp_path):
+    """PIL's convert('RGB') clips 16-bit greyscale at 255 (a 0..65535 ramp came out ~100% white);
+    load_rgb scales it: v * 255 / 65535, rounded, as an 8-bit encoder of the same picture would."""
+    from PIL import Image
+
+    from spot_fast.data.transforms import load_rgb
+    ramp = np.linspace(0, 65535, 48 * 64).round().astype(np.uint16).reshape(48, 64)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")
+    rgb = np.asarray(load_rgb(tmp_path / "ramp16.png"))
+    expect = np.floor(ramp.astype(np.float64) / 257 + 0.5).astype(np.uint8)    # 65535 / 255 = 257
+    assert rgb.shape == (48, 64, 3) and (rgb == expect[..., None]).all()
+    assert (rgb == 255).mean() < 0.01
+
+
+def test_training_on_images_skips_and_lists_the_unreadable_ones(synth, tmp_path):
+    import shutil
+
+    from spot_fast.data.sources import ReadableSource, open_source
+    root = tmp_path / "d"
+    shutil.copytree(synth, root)
+    src = open_source("synthetic", root, "train", image_size=32)
+    broken = [src.image_path(1), src.image_path(3)]
+    broken[0].write_bytes(b"not an image")
+    broken[1].write_bytes(broken[1].read_bytes()[:100])                 # truncated
+    readable = ReadableSource(src)
+    assert len(readable) == len(src) - 2 and [s["index"] for s in readable.skipped] == [1, 3]
+    assert readable.image_id(1) == src.image_id(2)
+    assert torch.equal(readable.train_views(1), src.train_views(2))
+    line = readable.summary()
+    assert line.startswith(f"skipped 2 of {len(src)} images") and broken[0].name in line and broken[1].name in line

@@ -72,6 +72,7 @@ def test_table_holds_the_runs_metrics(demo_run):
             assert cells in report
     table = "\n".join(lines)
     assert re.search(r"SPOT stage 1\s+decoder\s+-?\d+\.\d", table)
+    assert f"== DINOSAUR (MLP decoder) -> {out / 'dinosaur'}" in lines       # not announced as stage 1
 
 
 def test_baselines_in_the_table_are_scored_independently(demo_run):
@@ -91,11 +92,18 @@ def test_baselines_in_the_table_are_scored_independently(demo_run):
     assert saved["rows"] == json.loads(json.dumps(result.rows))
 
 
-def test_rerun_reuses_everything(demo_run):
+def test_rerun_reuses_everything_and_reports_the_times_of_the_runs_that_made_it(demo_run):
     out, result, _ = demo_run
     lines: list[str] = []
     again = run_demo(tiny_config(out), say=lines.append)
     text = "\n".join(lines)
+    assert again.reused == ["data", "cache", *MODELS]
+    for step in ("data", "cache", *MODELS):
+        assert again.times[step] == result.times[step] > 0          # not this invocation's ~0 s
+    report = (out / "report.md").read_text()
+    t = result.times["stage1"]
+    assert f"stage1 {t:.0f} s" in report if t >= 10 else f"stage1 {t:.1f} s" in report
+    assert "Reused by this invocation: data, cache, stage1, stage2, dinosaur." in report
     assert "already generated" in text
     assert text.count("already cached") == 2
     assert text.count("already trained") == len(MODELS)
@@ -137,8 +145,11 @@ def test_stage2_trained_from_other_teacher_weights_is_refused(demo_run):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("num_val", 0, "--num-val"), ("num_train", 3, "--num-train"), ("epochs", 0, "--epochs"),
-    ("level", "hard", "--level"), ("encoder", "vit_huge", "--encoder"), ("weights", "/no/such.pth", "--weights")])
+    ("num_val", 0, "^num_val must be >= 1"), ("num_train", 3, "^num_train must be at least the batch size 8"),
+    ("epochs", 0, "^epochs must be >= 1"), ("level", "hard", "^level must be one of"),
+    ("encoder", "vit_huge", "^encoder must be one of"), ("weights", "/no/such.pth", "^weights='/no/such.pth'"),
+    ("threads", 0, "^threads must be >= 1"), ("device", "foo", "^device='foo': not a device"),
+    ("seed", -1, "^seed must be >= 0")])
 def test_bad_options_are_named(tmp_path, field, value, message):
     with pytest.raises(DemoError, match=message):
         tiny_config(tmp_path, **{field: value}).validate()
@@ -158,7 +169,10 @@ def test_cli_bad_option_is_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "spot_fast.cli.app", "demo", "--out", str(tmp_path / "d"),
                           "--num-val", "0"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
-    assert res.stderr.strip().startswith("error: --num-val must be >= 1")
+    assert "Invalid value for '--num-val': 0 is out of range: it must be >= 1" in res.stderr, res.stderr
+    res = subprocess.run([sys.executable, "-m", "spot_fast.cli.app", "demo", "--out", str(tmp_path / "d"),
+                          "--device", "cuda:7"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().startswith("error: --device cuda:7:"), res.stderr
     assert "Traceback" not in res.stderr
 
 

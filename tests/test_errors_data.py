@@ -252,3 +252,42 @@ def test_data_modules_import_one_way():
                     if isinstance(n, ast.ImportFrom) and n.module}
         if path.name != "sources.py":
             assert "spot_fast.data.sources" not in imported, path.name
+
+
+# ------------------------------------------------------------------- issue 17: data that was silently wrong
+
+def test_a_coco_file_without_images_says_so(synth, tmp_path):
+    root = copy_with(tmp_path, synth, lambda c: c.pop("images"))
+    with pytest.raises(DatasetError, match=r"instances_val2017.json has no 'images' list") as err:
+        CocoSource(root, "val", image_size=32, mask_size=16, name="synthetic")
+    assert "annotation id" not in str(err.value)
+    root2 = copy_with(tmp_path / "b", synth, lambda c: c.update(images=[]))
+    with pytest.raises(DatasetError, match="lists no images"):
+        CocoSource(root2, "val", image_size=32, mask_size=16, name="synthetic")
+
+
+def test_polygons_of_an_image_whose_file_has_another_size_are_refused(synth, tmp_path):
+    """Masks are drawn at the annotated height x width; a file of another size would get masks that
+    do not line up (silently, before): that image is a BadImage, skipped and listed by the build."""
+    from spot_fast.data.base import BadImage
+
+    def double_first(c):
+        c["images"][0].update(height=c["images"][0]["height"] * 2, width=c["images"][0]["width"] * 2)
+        for a in c["annotations"]:          # polygons scaled with it: valid for the stated size
+            if a["image_id"] == c["images"][0]["id"]:
+                a["segmentation"] = [[2 * v for v in poly] for poly in a["segmentation"]] \
+                    if isinstance(a["segmentation"], list) else a["segmentation"]
+        c["annotations"] = [a for a in c["annotations"]
+                            if a["image_id"] != c["images"][0]["id"] or isinstance(a["segmentation"], list)]
+    root = copy_with(tmp_path, synth, double_first)
+    src = CocoSource(root, "val", image_size=32, mask_size=16, name="synthetic")
+    meta = src.coco.imgs[src.ids[0]]
+    with pytest.raises(BadImage, match=rf"the file is {meta['height'] // 2}x{meta['width'] // 2} .* says "
+                                       rf"{meta['height']}x{meta['width']}"):
+        src.val_sample(0)
+    src.val_sample(1)                       # the others are untouched
+    out = tmp_path / "c"
+    res = cli("cache", "synthetic", "--root", root, "--split", "val", "--out", out, *TINY)
+    assert res.exit_code == 0, res.output
+    skipped = read_manifest(out)["skipped"]
+    assert [s["path"].rsplit("/", 1)[-1] for s in skipped] == [meta["file_name"]], skipped

@@ -12,6 +12,8 @@ file order, numbered from 1 (skipped categories keep their number); the first an
 cover a pixel sets its class and instance; pixels covered by more than one annotation are
 ignored. One extension: compressed RLE (string `counts`) is decoded directly, where the
 reference's `frPyObjects` call would fail; real COCO files use polygons and uncompressed RLE.
+An image whose file size differs from its entry's height and width is a `BadImage` (skipped and
+listed by the cache build): its masks, drawn at the entry's size, would not line up with it.
 
 Opening a val split checks every annotation first (a category and a mask pycocotools can decode
 safely) and refuses a broken one with a `DatasetError` naming the file and the annotation id; a
@@ -81,12 +83,19 @@ def load_coco_index(ann_file: Path) -> COCO:
     (bad JSON, a list, entries without their keys: it asserts and raises KeyError) -> DatasetError."""
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(ann_file))
+            coco = COCO(str(ann_file))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError,
             AssertionError) as err:
         reason = f"an entry has no {err} key" if isinstance(err, KeyError) else str(err)
         raise DatasetError(f"{ann_file}: not a COCO annotation file ({reason}). "
                            "Re-download or regenerate it.") from None
+    images = coco.dataset.get("images")
+    if not isinstance(images, list) or not images:
+        found = "has no 'images' list" if images is None else "lists no images" if isinstance(images, list) \
+            else "has an 'images' entry that is not a list"
+        raise DatasetError(f"{ann_file} {found}: a COCO annotation file names every image (id, file_name, "
+                           "height, width) under 'images'. Use the original file, or add them.")
+    return coco
 
 
 def rle_string_counts(counts: str | bytes) -> list[int] | None:
@@ -239,8 +248,13 @@ class CocoSource:
 
     def val_sample(self, index: int) -> ValSample:
         path = self.image_path(index)
-        crop = resize_center_crop(load_rgb(path), self.image_size)
+        image = load_rgb(path)
         meta = self.coco.imgs[self.ids[index]]
+        if image.size != (meta["width"], meta["height"]):   # masks are drawn at the annotated size
+            raise BadImage(path, f"the file is {image.height}x{image.width} (height x width) but {self.ann_file} "
+                           f"says {meta['height']}x{meta['width']}: its masks would not line up with it. "
+                           "Fix that image entry's height and width, or use the original image")
+        crop = resize_center_crop(image, self.image_size)
         anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=self.ids[index]))
         try:
             masks = coco_masks(anns, meta["height"], meta["width"])

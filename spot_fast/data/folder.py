@@ -12,10 +12,11 @@ import torch
 
 from spot_fast.data.base import DatasetError, ValSample, check_sizes, require_dir, resolve_split
 from spot_fast.data.transforms import center_flip_spec, flip_pair, load_rgb, resize_center_crop
+from spot_fast.errors import arg
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 _NO_VAL = ("{root}: a plain image folder has no ground-truth masks, so it has only a train split "
-           "(use --split train). Evaluate on coco, voc, movi or synthetic.")
+           "(use {train}). Evaluate on coco, voc, movi or synthetic.")
 
 
 def list_images(root: Path) -> list[str]:
@@ -37,7 +38,7 @@ class FolderSource:
         self.root = require_dir(Path(root), "image folder", "Pass an existing folder of images.")
         self.split = resolve_split(split, {"train": "train", "val": "val"}, self.name)
         if self.split not in self.SPLITS:
-            raise DatasetError(_NO_VAL.format(root=self.root))
+            raise DatasetError(_NO_VAL.format(root=self.root, train=arg("split", "train")))
         self.image_size, self.mask_size = image_size, mask_size
         self.files = list_images(self.root)
         if not self.files:
@@ -68,4 +69,4 @@ class FolderSource:
         return flip_pair(resize_center_crop(img, self.image_size))
 
     def val_sample(self, index: int) -> ValSample:
-        raise DatasetError(_NO_VAL.format(root=self.root))
+        raise DatasetError(_NO_VAL.format(root=self.root, train=arg("split", "train")))

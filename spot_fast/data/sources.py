@@ -16,6 +16,7 @@ from spot_fast.data.coco import CocoSource
 from spot_fast.data.folder import FolderSource
 from spot_fast.data.movi import MoviSource
 from spot_fast.data.voc import VocSource
+from spot_fast.errors import arg
 
 SOURCES: dict[str, type] = {"coco": CocoSource, "voc": VocSource, "movi": MoviSource,
                             "folder": FolderSource, "synthetic": CocoSource}
@@ -59,4 +60,45 @@ def check_readable(source: Source, samples: int = 8) -> None:
             reasons.append(bad)
     if reasons:
         raise DatasetError(f"none of {len(picks)} images sampled from {source.name} {source.split} ({n} files) "
-                           f"can be decoded, e.g. {reasons[0]}. Check --root: it should hold the images.")
+                           f"can be decoded, e.g. {reasons[0]}. Check {arg('root')}: it should hold the images.")
+
+
+class ReadableSource:
+    """The training images of `source` that decode, for training on images without a cache: the
+    others are left out and listed in `skipped` (path, reason), as a cache build skips and lists
+    them. Every image is decoded once here (less than one epoch's work) so that the sampler sees
+    a fixed set of indices from the first step."""
+
+    def __init__(self, source: Source):
+        self.source, self.keep, self.skipped = source, [], []
+        for i in range(len(source)):
+            try:
+                source.train_views(i)
+                self.keep.append(i)
+            except BadImage as bad:
+                self.skipped.append({"index": i, "path": bad.path, "reason": bad.reason})
+        if not self.keep:
+            raise DatasetError(f"none of the {len(source)} images of {source.name} {source.split} can be decoded, "
+                               f"e.g. {self.skipped[0]['path']}: {self.skipped[0]['reason']}. Check the images root.")
+        self.name, self.split, self.SPLITS = source.name, source.split, source.SPLITS
+        self.image_size, self.mask_size, self.num_views = source.image_size, source.mask_size, source.num_views
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def image_id(self, index: int):
+        return self.source.image_id(self.keep[index])
+
+    def views_spec(self) -> dict:
+        return self.source.views_spec()
+
+    def train_views(self, index: int):
+        return self.source.train_views(self.keep[index])
+
+    def summary(self, shown: int = 3) -> str:
+        """One line naming the skipped images ("" when none was)."""
+        if not self.skipped:
+            return ""
+        names = ", ".join(f"{s['path']} ({s['reason']})" for s in self.skipped[:shown])
+        more = f" and {len(self.skipped) - shown} more" if len(self.skipped) > shown else ""
+        return f"skipped {len(self.skipped)} of {len(self.source)} images that cannot be decoded: {names}{more}"

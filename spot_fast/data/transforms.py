@@ -39,12 +39,27 @@ def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()  # forces the whole decode: truncated files raise here
-            return img.convert(mode) if mode is not None else img.copy()
+            if mode is None:
+                return img.copy()
+            return eight_bit(img).convert(mode)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         reason = str(err) or type(err).__name__
         if "truncated" in reason.lower():
             reason = f"{reason} (truncated files are skipped, not padded as the reference does)"
         raise BadImage(path, reason) from err
+
+
+# PIL modes of 16-bit and 32-bit integer greyscale images (16-bit PNG, TIFF); `convert("RGB")` clips
+# their values at 255 instead of scaling them, so almost every pixel would come out white.
+_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def eight_bit(img: Image.Image) -> Image.Image:
+    """`img` with 16-bit greyscale scaled to 8 bits (v * 255 / 65535, rounded); other modes as they are."""
+    if img.mode not in _WIDE_GREY:
+        return img
+    values = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(values * (255 / 65535)), 0, 255).astype(np.uint8), mode="L")
 
 
 def load_rgb(path: str | Path) -> Image.Image:
