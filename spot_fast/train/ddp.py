@@ -60,6 +60,15 @@ def setup(device: str | None) -> Ranks:
     return Ranks(rank, world, dev)
 
 
+def wrap(model: torch.nn.Module, ranks: Ranks, compile: bool = False) -> torch.nn.Module:
+    """The module the steps call: DDP across ranks, torch.compile if asked."""
+    wrapped = model
+    if ranks.distributed:
+        ids = [ranks.device.index] if ranks.device.type == "cuda" else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return torch.compile(wrapped) if compile else wrapped
+
+
 def teardown(ranks: Ranks) -> None:
     if ranks.distributed and dist.is_initialized():
         dist.destroy_process_group()
