@@ -27,7 +27,7 @@ from spot_fast.cache import device_batches
 from spot_fast.evaluate import evaluate, reconstruction_loss
 from spot_fast.io import write_json_atomic
 from spot_fast.model import SPOT
-from spot_fast.runs import CONFIG_FILE, RunLock, step_checkpoints
+from spot_fast.runs import CONFIG_FILE, RunError, RunLock, step_checkpoints
 from spot_fast.train import ddp, folder
 from spot_fast.train.config import TrainConfig, TrainError
 from spot_fast.train.logging import LOG_FILE, RunLog, truncate_log
@@ -126,7 +126,10 @@ class Trainer:
     def _begin(self) -> None:
         notes = []
         if self.ranks.main:
-            self.lock = RunLock(self.run)
+            try:
+                self.lock = RunLock(self.run)
+            except RunError as e:
+                raise TrainError(str(e)) from None
             if self.tcfg.resume:
                 folder.remove_temporaries(self.run)
         if self.tcfg.resume:

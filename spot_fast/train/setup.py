@@ -106,13 +106,13 @@ def open_cache_data(tcfg: TrainConfig, ranks: Ranks) -> RunSetup:
         val = None
         if val_path is not None and (tcfg.val_cache or val_path.exists()):
             val = open_cache(val_path, expect=cfg, allow_random_init=tcfg.allow_random_init)
+        if tcfg.stream is not None:
+            data = open_stream(tcfg, cache.manifest, cfg, ranks)
+        else:
+            data = CacheBatches(cache, cfg.optim.batch_size, seed=tcfg.seed, rank=ranks.rank,
+                                world_size=ranks.world_size, drop_last=tcfg.drop_last, split_tokens=cfg.stage == 2)
     except CacheError as e:
         raise TrainError(str(e)) from None
-    if tcfg.stream is not None:
-        data = open_stream(tcfg, cache.manifest, cfg, ranks)
-    else:
-        data = CacheBatches(cache, cfg.optim.batch_size, seed=tcfg.seed, rank=ranks.rank,
-                            world_size=ranks.world_size, drop_last=tcfg.drop_last, split_tokens=cfg.stage == 2)
     info = {"train_cache": str(path), "train_manifest_sha256": file_sha256(path / "manifest.json"),
             "weights": cache.manifest["weights"], "random_init": bool(cache.manifest["random_init"]),
             "encoder": cache.manifest["encoder"], "train_samples": cache.num_images}
