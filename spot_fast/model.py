@@ -132,17 +132,21 @@ class SPOT(nn.Module):
                              f"(this model has {self.num_orders} orders)")
 
     def _check_kind(self, name: str, t: torch.Tensor) -> None:
-        """The dtype and device the model computes in: fp32 or bf16 (fp16 on CUDA), on its device."""
-        device = next(self.parameters()).device
-        if t.device != device:
-            raise ModelInputError(f"SPOT.forward: {name} on {t.device}, the model on {device}: move one, e.g. "
-                                  f"{name}.to('{device}')")
-        ok = (torch.float32, torch.bfloat16) + ((torch.float16,) if device.type == "cuda" else ())
+        """The device and dtype the model computes in: its parameters' (under autocast also fp32 or
+        bf16, and fp16 on CUDA)."""
+        param = next(self.parameters())
+        if t.device != param.device:
+            raise ModelInputError(f"SPOT.forward: {name} on {t.device}, the model on {param.device}: move one, "
+                                  f"e.g. {name}.to('{param.device}')")
+        kind = param.device.type
+        ok = {param.dtype}
+        if torch.is_autocast_enabled(kind):
+            ok |= {torch.float32, torch.bfloat16} | ({torch.float16} if kind == "cuda" else set())
         if t.dtype not in ok:
-            fix = "fp16 runs on CUDA only: use .float() or .bfloat16()" if t.dtype == torch.float16 else \
-                "convert with .float()"
-            raise ModelInputError(f"SPOT.forward: {name} of dtype {t.dtype}, expected float32 or bfloat16 "
-                                  f"features: {fix}")
+            fix = "fp16 runs on CUDA only: use .float() or .bfloat16() under autocast" \
+                if t.dtype == torch.float16 and kind != "cuda" else f"convert with .to({param.dtype})"
+            raise ModelInputError(f"SPOT.forward: {name} of dtype {t.dtype}, the model computes in "
+                                  f"{param.dtype}: {fix}")
 
     def _shape_hint(self, given: tuple[int, ...]) -> str:
         """What is wrong with an input of shape `given`, in words."""
