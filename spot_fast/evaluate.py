@@ -21,6 +21,7 @@ import torch
 
 from spot_fast.config import SPOTConfig
 from spot_fast.errors import UserError
+from spot_fast.io import write_atomic
 from spot_fast.metrics import MetricAccumulator, masks_to_labels
 from spot_fast.model import SPOT, SPOTOutput
 from spot_fast.runs import check_weights, checkpoint_weights, read_run_checkpoint
@@ -104,12 +105,14 @@ def evaluate(model: SPOT, cache, *, orders="all", batch_size: int = 64, out: str
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
-        np.savez_compressed(out / "labels.npz", index=torch.cat(index).numpy(),
-                            **{k: torch.cat(v).numpy() for k, v in labels.items()})
+        text = json.dumps(result, indent=1) + "\n"
+        write_atomic(out / "metrics.json", lambda f: f.write(text), mode="w")
+        arrays = {"index": torch.cat(index).numpy(), **{k: torch.cat(v).numpy() for k, v in labels.items()}}
+        write_atomic(out / "labels.npz", lambda f: np.savez_compressed(f, **arrays))
         if pictures:
             from PIL import Image
-            Image.fromarray(np.concatenate(pictures, axis=0)).save(out / "masks.png")
+            grid = Image.fromarray(np.concatenate(pictures, axis=0))
+            write_atomic(out / "masks.png", lambda f: grid.save(f, format="PNG"))
     return result
 
 
