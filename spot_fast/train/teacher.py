@@ -12,8 +12,6 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-import torch
-
 from spot_fast.checkpoint import CheckpointMismatch, load_reference
 from spot_fast.config import SPOTConfig
 from spot_fast.encoders import file_sha256
