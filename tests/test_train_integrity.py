@@ -4,6 +4,7 @@ one process at a time trains into a folder, --resume repairs best.pt and removes
 compares content instead of path spellings, and is exact in everything it saves."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -237,3 +238,25 @@ def test_the_lock_names_this_process_and_is_free_again_once_released(tmp_path):
         RunLock(tmp_path / "r")
     lock.release()
     RunLock(tmp_path / "r").release()
+
+
+def test_a_teacher_given_to_stage_1_is_refused_not_ignored(tmp_path):
+    with pytest.raises(TrainError, match="--teacher is for stage 2"):
+        Trainer(tiny_config(tmp_path / "r", teacher=str(tiny_stage1_run())))
+
+
+def test_the_demo_encoder_is_rebuilt_from_its_weights_id():
+    """A run of the demo cache records "random-init:0+sincos-position-1.0"; the predictor's
+    encoder is then the demo's, even from a config that says "learned"."""
+    from spot_fast.config import preset
+    from spot_fast.demo import demo_encoder
+    from spot_fast.predict import run_encoder
+    cfg = preset("demo")
+    learned = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, position="learned",
+                                                                    position_scale=0.25))
+    want = demo_encoder(cfg.encoder, 0)
+    for weights in (None, "random-init"):
+        got = run_encoder(learned, want.weights_id, weights)
+        assert got.weights_id == want.weights_id
+        a, b = got.vit.state_dict(), want.vit.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)

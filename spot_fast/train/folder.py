@@ -70,9 +70,9 @@ def remove_temporaries(run: Path) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def resume_checkpoint(run: Path, config: dict, say) -> tuple[dict, Path]:
+def resume_checkpoint(run: Path, config: dict, say, main: bool = True) -> tuple[dict, Path]:
     """The newest step checkpoint that is intact; a damaged newer one is set aside (renamed
-    `*.damaged`) and said. A checkpoint of another run is refused."""
+    `*.damaged`, by the `main` rank only) and said. A checkpoint of another run is refused."""
     found = step_checkpoints(run)
     for path in reversed(found):
         try:
@@ -82,9 +82,10 @@ def resume_checkpoint(run: Path, config: dict, say) -> tuple[dict, Path]:
             if not older:
                 raise TrainError(f"--resume: {e}; no older checkpoint is left: start a new run with "
                                  f"another --out") from None
-            path.rename(path.with_name(path.name + DAMAGED))
-            say(f"{path.name} is damaged (set aside as {path.name}{DAMAGED}); resuming from the previous "
-                f"checkpoint, {older[-1].name}")
+            if main:
+                path.rename(path.with_name(path.name + DAMAGED))
+                say(f"{path.name} is damaged (set aside as {path.name}{DAMAGED}); resuming from the previous "
+                    f"checkpoint, {older[-1].name}")
             continue
         try:
             check_belongs(ckpt, path, config)
@@ -130,3 +131,12 @@ def train_command(tcfg: TrainConfig, resume: bool = False) -> str:
             flag = "--" + f.name.replace("_", "-")
             args += [flag] if v is True else [f"--no-{flag[2:]}"] if v is False else [flag, str(v)]
     return shlex.join(args + (["--resume"] if resume else []))
+
+
+def interrupted_message(run: Path, tcfg: TrainConfig, step: int, total: int) -> str:
+    """What an interrupted run kept, and the command that continues (or restarts) it."""
+    kept = step_checkpoints(run)
+    what = (f"checkpoints up to step {int(kept[-1].stem.split('-')[1])} of {total} are kept" if kept
+            else "no checkpoint was written yet")
+    return (f"interrupted at step {step}: {what}; {'continue' if kept else 'start again'} with: "
+            f"{train_command(tcfg, resume=bool(kept))}")

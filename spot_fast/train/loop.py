@@ -33,7 +33,7 @@ from spot_fast.train.config import TrainConfig, TrainError
 from spot_fast.train.logging import LOG_FILE, RunLog, truncate_log
 from spot_fast.train.meter import Meter
 from spot_fast.train.optim import adam, clip_grad_inf_norm_
-from spot_fast.train.setup import nan_cause, resolve_run, schedules
+from spot_fast.train.setup import intro, nan_cause, resolve_run, schedules
 from spot_fast.train.state import TrainState, checkpoint, save_best, save_step, set_rng_state
 from spot_fast.train.steps import StepPlan, StepRandomness
 
@@ -136,7 +136,7 @@ class Trainer:
             if not step_checkpoints(self.run):
                 raise TrainError(f"--resume: {self.run} holds no checkpoint to resume from; drop --resume to start")
             folder.check_unchanged(self.run, self.config)
-            ckpt, _ = folder.resume_checkpoint(self.run, self.config, notes.append if self.ranks.main else print)
+            ckpt, _ = folder.resume_checkpoint(self.run, self.config, notes.append, self.ranks.main)
             self.load(ckpt)
             if self.ranks.main:
                 folder.repair_best(self.run, self.state.best_step, notes.append)
@@ -151,17 +151,7 @@ class Trainer:
         self.meter = Meter(self.device, self.state)
         for note in notes:
             self.log.say(note)
-        self.log.say(self._intro())
-
-    def _intro(self) -> str:
-        dropped = getattr(self.data, "dropped", 0)
-        fitted = self.setup.notes
-        return (f"training stage {self.cfg.stage}: {self.setup.data_info['train_samples']} images, "
-                f"{self.steps_per_epoch} steps/epoch x {self.cfg.optim.epochs} epochs, batch "
-                f"{self.batch_size} x {self.ranks.world_size} rank(s), device {self.device}"
-                + (f"; fitted to the small dataset: {', '.join(fitted)}" if fitted else "")
-                + (f"; {dropped} image(s) per epoch left out (a short last batch under --drop-last, "
-                   f"or to keep the ranks' steps equal)" if dropped else ""))
+        self.log.say(intro(self.setup, self.steps_per_epoch, self.ranks.world_size, self.device))
 
     def load(self, ckpt: dict) -> None:
         """Continue from a (verified) checkpoint."""
@@ -269,11 +259,7 @@ class Trainer:
 
     def interrupted(self) -> str:
         """What an interrupted run kept, and the command that continues it."""
-        kept = step_checkpoints(self.run)
-        what = (f"checkpoints up to step {int(kept[-1].stem.split('-')[1])} of {self.total_steps} are kept"
-                if kept else "no checkpoint was written yet")
-        command = folder.train_command(self.tcfg, resume=bool(kept))
-        return f"interrupted at step {self.state.step}: {what}; {'continue' if kept else 'start again'} with: {command}"
+        return folder.interrupted_message(self.run, self.tcfg, self.state.step, self.total_steps)
 
     def _epoch(self) -> None:
         """The reader's batches from the run's position to the end of the epoch (or of the run)."""

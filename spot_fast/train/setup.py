@@ -199,3 +199,13 @@ def nan_cause(o, step: int) -> str:
         if v is not None and not (math.isfinite(v) and v >= 0):
             return f"optim.{name} = {v} is not a finite number >= 0: --set optim.{name}=0.005 (the presets' value)"
     return f"lower --lr (now {o.lr:g}), or check the data the run reads around step {step}"
+
+
+def intro(setup: RunSetup, steps_per_epoch: int, world_size: int, device) -> str:
+    """The line a run starts with: data, schedule, batch, device, what was fitted or left out."""
+    dropped, o = getattr(setup.data, "dropped", 0), setup.cfg.optim
+    return (f"training stage {setup.cfg.stage}: {setup.data_info['train_samples']} images, {steps_per_epoch} "
+            f"steps/epoch x {o.epochs} epochs, batch {o.batch_size} x {world_size} rank(s), device {device}"
+            + (f"; fitted to the small dataset: {', '.join(setup.notes)}" if setup.notes else "")
+            + (f"; {dropped} image(s) per epoch left out (a short last batch under --drop-last, "
+               f"or to keep the ranks' steps equal)" if dropped else ""))
