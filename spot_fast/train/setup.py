@@ -45,13 +45,15 @@ class RunSetup:
 
 
 def rebuild_command(manifest: dict, path: Path, preset: str, split_block: int) -> str:
-    """The complete `spot-fast cache` command that builds the cache at `path` again, with split tokens."""
-    weights = manifest["weights"]
-    seed = re.match(r"random-init:(\d+)", weights)
-    source = f"--random-init --seed {seed.group(1)}" if seed else "--weights FILE"
-    return (f"spot-fast cache {manifest['dataset']} --root {manifest['root']} --split {manifest['split']} "
-            f"--preset {preset} --image-size {manifest['encoder']['image_size']} {source} --dtype {manifest['dtype']} "
-            f"--format {manifest['format']} --split-block {split_block} --out {path}.split{split_block}")
+    """The complete `spot-fast cache` command that builds the cache at `path` again, with split
+    tokens, beside it (real weights: the local HF / torch-hub cache's, as the build's default)."""
+    seed = re.match(r"random-init:(\d+)", manifest["weights"])
+    options = [f"-o {k}={v}" for k, v in sorted(manifest.get("source_options", {}).items())]
+    return " ".join([f"spot-fast cache {manifest['dataset']} --root {manifest['root']} --split {manifest['split']}",
+                     f"--preset {preset} --image-size {manifest['encoder']['image_size']}",
+                     *([f"--random-init --seed {seed.group(1)}"] if seed else []), *options,
+                     f"--dtype {manifest['dtype']} --format {manifest['format']} --split-block {split_block}",
+                     f"--out {path}.split{split_block}"])
 
 
 def encoder_as_cached(cfg: SPOTConfig, manifest: dict) -> SPOTConfig:
