@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from spot_fast.config import SPOTConfig
+from spot_fast.devices import resolve_device
 from spot_fast.errors import UserError
 from spot_fast.io import write_atomic
 from spot_fast.metrics import MetricAccumulator, masks_to_labels
@@ -149,7 +150,7 @@ def evaluate_run(run: str | os.PathLike, cache: str | os.PathLike, *, orders="al
     the encoder weights the run trained on), evaluate. A run trained on a random-init cache says so
     in its config.json and is accepted without `allow_random_init`."""
     from spot_fast.cache import open_cache
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     ckpt, _, config = read_run_checkpoint(run)
     recorded = (config or {}).get("data", {})
     cfg = SPOTConfig.from_dict(ckpt["config"])

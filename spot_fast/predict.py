@@ -22,6 +22,7 @@ import torch
 
 from spot_fast.checkpoint import CheckpointMismatch, load_reference
 from spot_fast.config import SPOTConfig
+from spot_fast.devices import resolve_device
 from spot_fast.encoders import FrozenEncoder, build_vit, load_weights
 from spot_fast.errors import UserError
 from spot_fast.evaluate import run_model
@@ -103,7 +104,7 @@ class Predictor:
         """A spot-fast run folder or checkpoint (verified). The encoder is the one the run trained on,
         rebuilt from what the run records: a random-init encoder from its seed, real weights from
         `weights` (a file) or the local HF / torch-hub cache, refused when they are other weights."""
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device)
         ckpt, _, config = read_run_checkpoint(run, "run")
         cfg = SPOTConfig.from_dict(ckpt["config"])
         model = SPOT(cfg)
@@ -117,7 +118,7 @@ class Predictor:
         """A reference-format checkpoint (`cfg`: its config, e.g. preset("coco") or preset("coco", 2)).
         The frozen encoder comes from `weights`, else from the checkpoint itself (`encoder.*` for
         stage 1, `second_encoder.*` for stage 2)."""
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device)
         ckpt = checkpoint if isinstance(checkpoint, dict) else \
             load_tensors(checkpoint, "checkpoint", CheckpointMismatch, allow=(argparse.Namespace,))
         model = SPOT(cfg)

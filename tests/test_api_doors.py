@@ -82,3 +82,30 @@ def test_trainer_step_before_begin_says_to_begin(tmp_path):
         trainer.step(batch)
     assert "call trainer.begin() first" in one_line(err)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("device, says", [("foo", "is not a device: use cpu, cuda or cuda:N"),
+                                          ("cuda", "no CUDA device"), ("cuda:7", "cuda:7")])
+def test_a_device_this_machine_lacks_is_one_line(tmp_path, device, says):
+    from spot_fast.evaluate import evaluate_run
+    from train_case import tiny_caches
+    if torch.cuda.is_available() and device != "foo":
+        pytest.skip("this machine has CUDA devices")
+    for call in (lambda: evaluate_run(tiny_stage1_run(), tiny_caches().both / "val", device=device),
+                 lambda: Predictor.from_run(tiny_stage1_run(), device=device),
+                 lambda: Trainer(tiny_config(tmp_path / "r", device=device))):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert says in one_line(err)
+
+
+def test_a_train_cache_is_refused_for_evaluation_before_training(tmp_path):
+    from spot_fast.evaluate import evaluate_run
+    from train_case import tiny_caches
+    train_cache = str(tiny_caches().both / "train")
+    with pytest.raises(TrainError, match="holds no ground-truth masks") as err:
+        Trainer(tiny_config(tmp_path / "r", val_cache=train_cache))
+    one_line(err)
+    with pytest.raises(ValueError, match="holds no ground-truth masks") as err:
+        evaluate_run(tiny_stage1_run(), train_cache, device="cpu")
+    one_line(err)

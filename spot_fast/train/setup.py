@@ -108,6 +108,9 @@ def open_cache_data(tcfg: TrainConfig, ranks: Ranks) -> RunSetup:
         val = None
         if val_path is not None and (tcfg.val_cache or val_path.exists()):
             val = open_cache(val_path, expect=cfg, allow_random_init=tcfg.allow_random_init)
+            if not val.has_masks:
+                raise TrainError(f"val cache {val_path} holds no ground-truth masks (a train cache?), which the "
+                                 f"evaluation after training needs: give a cache built with --split val")
         if tcfg.stream is not None:
             data = open_stream(tcfg, cache.manifest, cfg, ranks)
         else:
