@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -28,10 +29,16 @@ def write_atomic(path: str | os.PathLike, write: Callable[[object], None], mode:
     """Call `write(f)` on a temporary file beside `path`, fsync, rename it to `path`, fsync the folder."""
     path = Path(path)
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from None     # the CLI's message names the file
+        raise
     os.replace(tmp, path)
     try:
         fd = os.open(path.parent, os.O_RDONLY)
@@ -52,9 +59,13 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
 
 
 def save_torch_atomic(obj, path: str | os.PathLike) -> None:
-    """torch.save, written atomically (the folder is created if needed)."""
+    """torch.save, written atomically (the folder is created if needed). Serialised in memory first:
+    a write the OS refuses (disk full, `ulimit -f`) then raises its own OSError naming the file,
+    where torch's writer reports only "unexpected pos"."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda f: torch.save(obj, f))
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic(path, lambda f: f.write(buf.getbuffer()))
 
 
 def is_torch_save_file(path: str | os.PathLike) -> bool:
