@@ -57,8 +57,8 @@ class Prediction:
 
 
 def to_inputs(images, image_size: int) -> torch.Tensor:
-    """(B, 3, S, S) float normalised: from paths, PIL images, (3, S, S) / (B, 3, S, S) float
-    tensors, or a non-empty list of them."""
+    """(B, 3, S, S) float32 normalised: from paths, PIL images, (3, S, S) / (B, 3, S, S) float
+    tensors (any float dtype), or a non-empty list of them."""
     from PIL import Image
 
     from spot_fast.data.transforms import load_rgb, resize_center_crop, to_input
@@ -68,7 +68,7 @@ def to_inputs(images, image_size: int) -> torch.Tensor:
             raise PredictError(f"images: a (B, 3, {image_size}, {image_size}) batch with B >= 1 expected, got "
                                f"{tuple(images.shape)}: resize/crop to {image_size} px, RGB channels first")
         _check_float(images)
-        return images
+        return images.float()
     items = images if isinstance(images, (list, tuple)) else [images]
     if not items:
         raise PredictError("images: an empty list; give at least one path, PIL image or tensor")
@@ -82,7 +82,7 @@ def to_inputs(images, image_size: int) -> torch.Tensor:
             raise PredictError(f"an input image is neither a path, a PIL image nor a {want} tensor: got "
                                f"{type(item).__name__} {tuple(getattr(item, 'shape', ()))}")
         _check_float(item)
-        out.append(item)
+        out.append(item.float())
     return torch.stack(out)
 
 

@@ -65,6 +65,12 @@ def test_predictor_refuses_images_it_cannot_use(predictor, images, says):
     assert says in one_line(err)
 
 
+def test_predictor_takes_any_float_dtype(predictor):
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    a, b = predictor(x), predictor(x.double())
+    assert torch.equal(a.slots, b.slots)
+
+
 @pytest.mark.parametrize("kw, says", [(dict(size=0), "size must be an int >= 1"),
                                       (dict(size=16, kind="bogus"), "kind must be one of 'decoder', 'slot_attention'")])
 def test_labels_refuse_a_size_or_kind_that_does_not_exist(predictor, kw, says):
