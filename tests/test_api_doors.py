@@ -87,6 +87,9 @@ def test_trainer_step_before_begin_says_to_begin(tmp_path):
     with pytest.raises(TrainError) as err:
         trainer.step(batch)
     assert "call trainer.begin() first" in one_line(err)
+    for call in (lambda: trainer.record({"loss": torch.zeros(())}, batch), trainer.finish):
+        with pytest.raises(TrainError, match="before Trainer.begin"):
+            call()
     assert not (tmp_path / "r").exists()
 
 

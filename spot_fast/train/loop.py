@@ -83,8 +83,7 @@ class Trainer:
 
     def before_step(self, batch: dict) -> StepPlan:
         """Set the step's lr, draw its randomness (a function of seed and step), clear the gradients."""
-        if self.meter is None:
-            raise TrainError("Trainer.step before Trainer.begin(): call trainer.begin() first (fit() does both)")
+        self._require_begun("step")
         s = self.state.step
         for group in self.optimizer.param_groups:
             group["lr"] = self.lrs[s]
@@ -93,6 +92,10 @@ class Trainer:
                                   self.teacher.cfg if self.teacher is not None else None)
         self.optimizer.zero_grad(set_to_none=True)
         return StepPlan(rnd, self.setup.autocast_dtype, self.teacher, self.ce_weights[s])
+
+    def _require_begun(self, what: str) -> None:
+        if self.meter is None:
+            raise TrainError(f"Trainer.{what} before Trainer.begin(): call trainer.begin() first (fit() does both)")
 
     def forward_backward(self, batch: dict, plan: StepPlan) -> dict[str, torch.Tensor]:
         """The stage's model + loss on the batch, gradients into the model; detached device losses."""
@@ -184,6 +187,7 @@ class Trainer:
     def record(self, out: dict[str, torch.Tensor], batch: dict, wait: float = 0.0) -> None:
         """The bookkeeping after a step's update: meter, a log line every log_every steps (and at the
         end), the NaN/inf check, step checkpoints, and the end of the epoch when this step ends it."""
+        self._require_begun("record")
         self.meter.wait += wait
         self.meter.add(out, batch["features"].shape[0] * self.ranks.world_size, self.state.step)
         s = self.state.step
@@ -220,6 +224,7 @@ class Trainer:
 
     def finish(self) -> None:
         """The final checkpoint (unless the newest is of this step) and the evaluation into eval/."""
+        self._require_begun("finish")
         if self.ranks.main:
             kept = step_checkpoints(self.run)
             if not kept or kept[-1].name != f"step-{self.state.step:08d}.pt":
