@@ -20,15 +20,18 @@ from spot_fast.runs import (BEST, CHECKPOINTS, CONFIG_FILE, RunError, check_belo
                             step_checkpoints, step_path)
 from spot_fast.train.config import RESUME_FREE, TrainConfig, TrainError, config_diff
 
-# TrainConfig fields compared by content (the data's hashes, the teacher's checksum), not as text.
+# TrainConfig fields compared by content (the data's hashes, the teacher's checksum), not as text,
+# and fields that change no number (besides RESUME_FREE: the thread count, where the config has one).
 PATH_KEYS = ("out", "cache", "train_cache", "val_cache", "stream", "weights", "teacher")
+FREE_KEYS = ("threads",)
 DATA_PATHS = ("train_cache", "val_cache")
 DAMAGED = ".damaged"
 
 
 def identity(config: dict) -> dict:
     """The part of a config.json that determines the run's numbers."""
-    train = {k: v for k, v in config["train"].items() if k not in RESUME_FREE and k not in PATH_KEYS}
+    skip = (*RESUME_FREE, *PATH_KEYS, *FREE_KEYS)
+    train = {k: v for k, v in config["train"].items() if k not in skip}
     data = {k: v for k, v in config["data"].items() if k not in DATA_PATHS}
     return {"model": config["model"], "train": train, "data": data, "teacher": config.get("teacher_sha256"),
             "world_size": config["world_size"]}
