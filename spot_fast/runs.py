@@ -4,8 +4,9 @@ A run folder holds `config.json` (what the run is), `log.jsonl`, `checkpoints/st
 (the last K) and `checkpoints/best.pt`. A checkpoint is a dict of tensors and plain values,
 loadable with `torch.load(weights_only=True)`, that carries
 
-- `sha256`: a checksum of everything else in it (tensor bytes included), verified by every
-  reader, so a damaged file is refused instead of evaluated or trained from;
+- `checksum`: an xxh3-128 hash of everything else in it (tensor bytes included; ~10x faster than
+  sha256, which took 1.7 s for a coco-preset checkpoint), verified by every reader, so a damaged
+  file is refused instead of evaluated or trained from;
 - `run`: the identity of the run that wrote it (`run_identity`: a hash of the config and of the
   caches' manifests, and the encoder weights id), compared with the folder's `config.json` by
   every reader, so a checkpoint of another run dropped into `checkpoints/` is refused.
@@ -21,6 +22,7 @@ import os
 from pathlib import Path
 
 import torch
+import xxhash
 
 from spot_fast.config import SPOTConfig
 from spot_fast.errors import UserError
@@ -32,6 +34,7 @@ CHECKPOINTS = "checkpoints"
 BEST = "best.pt"
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
+CHECKSUM = "checksum"
 
 
 class RunError(UserError):
@@ -60,10 +63,10 @@ def _feed(h, obj) -> None:
 
 
 def digest(obj) -> str:
-    """sha256 of a nested structure (what a checkpoint's `sha256` holds for the rest of it)."""
-    h = hashlib.sha256()
+    """"xxh3_128:<hex>" of a nested structure (what a checkpoint's `checksum` holds for the rest of it)."""
+    h = xxhash.xxh3_128()
     _feed(h, obj)
-    return h.hexdigest()
+    return f"xxh3_128:{h.hexdigest()}"
 
 
 def json_digest(obj) -> str:
@@ -72,8 +75,8 @@ def json_digest(obj) -> str:
 
 def seal(ckpt: dict) -> dict:
     """The checkpoint with its checksum."""
-    body = {k: v for k, v in ckpt.items() if k != "sha256"}
-    return {**body, "sha256": digest(body)}
+    body = {k: v for k, v in ckpt.items() if k != CHECKSUM}
+    return {**body, CHECKSUM: digest(body)}
 
 
 # ----------------------------------------------------------------------------- files of a run
@@ -143,10 +146,10 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict:
 
 def verify_checkpoint(ckpt: dict, path: Path, what: str = "checkpoint") -> None:
     """RunError unless the loaded spot-fast checkpoint matches its checksum."""
-    if "sha256" not in ckpt:
+    if CHECKSUM not in ckpt:
         raise RunError(f"{what} {path} carries no checksum (written by an older spot-fast): retrain, or load "
                        f"its 'model' tensors yourself with torch.load")
-    if digest({k: v for k, v in ckpt.items() if k != "sha256"}) != ckpt["sha256"]:
+    if digest({k: v for k, v in ckpt.items() if k != CHECKSUM}) != ckpt[CHECKSUM]:
         raise RunError(f"{what} {path} is damaged (its content does not match its checksum): delete it and use "
                        f"the run's previous checkpoint (--resume falls back to it by itself)")
 

@@ -17,8 +17,8 @@ from spot_fast.config import SPOTConfig
 from spot_fast.encoders import file_sha256
 from spot_fast.io import load_tensors
 from spot_fast.model import SPOT
-from spot_fast.runs import (FORMAT, RunError, check_belongs, check_weights, checkpoint_file, checkpoint_weights,
-                            read_run_config, run_folder_of, verify_checkpoint)
+from spot_fast.runs import (CHECKSUM, FORMAT, RunError, check_belongs, check_weights, checkpoint_file,
+                            checkpoint_weights, read_run_config, run_folder_of, verify_checkpoint)
 from spot_fast.train.config import TrainError
 
 GEOMETRY = ("name", "image_size", "patch_size", "embed_dim")
@@ -77,7 +77,7 @@ def load_teacher(path: str, student: SPOTConfig, device="cpu", weights: str | No
         _check_fits(cfg, student, str(path))
         model = SPOT(cfg)
         model.load_state_dict(raw["model"])
-        teacher_id = raw["sha256"]
+        teacher_id = raw[CHECKSUM]
     else:
         cfg = reference_config(raw, student)
         _check_fits(cfg, student, str(path))
