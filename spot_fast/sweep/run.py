@@ -183,8 +183,8 @@ class Sweep:
 
     def _variant_run(self, v: Variant, tcfg: TrainConfig, ranks) -> VariantRun:
         trainer = Trainer(tcfg, ranks)
-        if trainer.teacher is not None:        # one frozen teacher (and one forward per step) per teacher path
-            shared = self.teachers.setdefault(tcfg.teacher, SharedTeacher(trainer.teacher))
+        if trainer.teacher is not None:        # one frozen teacher (and one forward per step) per teacher checkpoint
+            shared = self.teachers.setdefault(trainer.setup.teacher_id, SharedTeacher(trainer.teacher))
             trainer.teacher = shared
         return VariantRun(v.name, trainer)
 

@@ -11,6 +11,10 @@ and other drivers (the sweep) use:
         trainer.step(batch)              # train_step + record: meter, log, checkpoints, end of epoch
     trainer.finish(); trainer.close()    # final checkpoint and evaluation; release the folder
 
+Public state a driver may read: `cfg`, `data` (len: steps per epoch; `.epoch(e, start)`), `state`,
+`total_steps`, `done`, `val_cache`, `run`, `setup` (the resolved run), and `teacher`, which a driver
+may replace with one shared by several trainers of the same teacher checkpoint.
+
 `train_step(batch)` is `before_step` (lr, randomness, zero_grad; returns the step's `StepPlan`)
 -> `forward_backward` -> `after_step` (clip, Adam, counters). Losses stay on the device and are
 read every `log_every` steps (and at checkpoints), which is also where a NaN/inf loss stops the
