@@ -106,3 +106,11 @@ def test_the_run_records_the_caches_encoder_and_predicts_with_it(tmp_path, sinco
     err = (features - batch["features"]).abs().max().item()
     assert err <= 1e-5 * max(1.0, batch["features"].abs().max().item()), err
     assert step_checkpoints(run)
+
+
+def test_the_intro_line_names_what_trains(tmp_path):
+    from spot_fast.train.setup import intro
+    mlp = {"decoder.kind": "mlp", "decoder.train_orders": "standard", "decoder.eval_orders": "standard"}
+    for overrides, name in (({}, "training SPOT stage 1:"), (mlp, "training DINOSAUR (the MLP-decoder baseline):")):
+        t = Trainer(tiny_config(tmp_path / "r", overrides=overrides))
+        assert intro(t.setup, t.steps_per_epoch, 1, t.device).startswith(name)

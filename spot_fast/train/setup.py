@@ -209,7 +209,8 @@ def nan_cause(o, step: int) -> str:
 def intro(setup: RunSetup, steps_per_epoch: int, world_size: int, device) -> str:
     """The line a run starts with: data, schedule, batch, device, what was fitted or left out."""
     dropped, o = getattr(setup.data, "dropped", 0), setup.cfg.optim
-    return (f"training stage {setup.cfg.stage}: {setup.data_info['train_samples']} images, {steps_per_epoch} "
+    what = "DINOSAUR (the MLP-decoder baseline)" if setup.cfg.decoder.kind == "mlp" else f"SPOT stage {setup.cfg.stage}"
+    return (f"training {what}: {setup.data_info['train_samples']} images, {steps_per_epoch} "
             f"steps/epoch x {o.epochs} epochs, batch {o.batch_size} x {world_size} rank(s), device {device}"
             + (f"; fitted to the small dataset: {', '.join(setup.notes)}" if setup.notes else "")
             + (f"; {dropped} image(s) per epoch left out (a short last batch under --drop-last, "
