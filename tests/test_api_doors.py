@@ -118,3 +118,9 @@ def test_a_train_cache_is_refused_for_evaluation_before_training(tmp_path):
     with pytest.raises(ValueError, match="holds no ground-truth masks") as err:
         evaluate_run(tiny_stage1_run(), train_cache, device="cpu")
     one_line(err)
+
+
+def test_zero_epochs_is_refused_not_a_finished_run(tmp_path):
+    with pytest.raises(TrainError) as err:
+        Trainer(tiny_config(tmp_path / "r", epochs=None, overrides={"optim.epochs": "0"}))
+    assert "epochs" in one_line(err) and not (tmp_path / "r").exists()

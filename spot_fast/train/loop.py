@@ -61,6 +61,8 @@ class Trainer:
         self.log: RunLog | None = None          # its log.jsonl / progress bar, likewise
         self.lock: RunLock | None = None        # the run folder's lock, likewise (rank 0)
         self.steps_per_epoch = len(self.data)
+        if self.cfg.optim.epochs < 1:
+            raise TrainError(f"optim.epochs = {self.cfg.optim.epochs}: nothing would train; give --epochs 1 or more")
         if self.steps_per_epoch == 0:
             raise TrainError(f"the training data ({self.setup.data_info['train_samples']} images) gives no batch "
                              f"of {self.batch_size} x {self.ranks.world_size} ranks: lower --batch-size")
