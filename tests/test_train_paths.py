@@ -114,3 +114,20 @@ def test_the_intro_line_names_what_trains(tmp_path):
     for overrides, name in (({}, "training SPOT stage 1:"), (mlp, "training DINOSAUR (the MLP-decoder baseline):")):
         t = Trainer(tiny_config(tmp_path / "r", overrides=overrides))
         assert intro(t.setup, t.steps_per_epoch, 1, t.device).startswith(name)
+
+
+def test_a_split_both_cache_without_split_tokens_gets_a_command_for_both_splits(tmp_path):
+    both = tmp_path / "both"
+    res = run_cli("cache", "synthetic", "--root", tiny_caches().root, "--split", "both", "--preset", "tiny",
+                  "--image-size", IMAGE_SIZE, "--random-init", "--dtype", "fp32", "--mask-size", MASK_SIZE,
+                  "--out", both, timeout=300)
+    assert res.returncode == 0, res.stderr
+    with pytest.raises(TrainError) as err:
+        Trainer(tiny_config(tmp_path / "s2", cache=str(both), stage=2, teacher=str(tiny_stage1_run())))
+    message = str(err.value)
+    command = re.search(r"`(spot-fast cache [^`]*)`", message).group(1)
+    res = run_cli(*cli_args(command), timeout=300)
+    assert res.returncode == 0, res.stderr
+    cache = re.search(r"train with --cache (\S+)$", message).group(1)
+    trainer = Trainer(tiny_config(tmp_path / "s2", cache=cache, stage=2, teacher=str(tiny_stage1_run())))
+    assert trainer.cfg.stage == 2 and trainer.val_cache is not None

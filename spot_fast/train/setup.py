@@ -44,16 +44,30 @@ class RunSetup:
     notes: list[str] = field(default_factory=list)   # what was fitted to the data, for the intro line
 
 
-def rebuild_command(manifest: dict, path: Path, preset: str, split_block: int) -> str:
-    """The complete `spot-fast cache` command that builds the cache at `path` again, with split
-    tokens, beside it (real weights: the local HF / torch-hub cache's, as the build's default)."""
+def rebuild_command(manifest: dict, out: Path, split: str, preset: str, split_block: int) -> str:
+    """The complete `spot-fast cache` command that builds the cache of `manifest` again into `out`
+    (`split`: its split, or "both"), with split tokens (real weights: the build's default, the
+    local HF / torch-hub cache's)."""
     seed = re.match(r"random-init:(\d+)", manifest["weights"])
     options = [f"-o {k}={v}" for k, v in sorted(manifest.get("source_options", {}).items())]
-    return " ".join([f"spot-fast cache {manifest['dataset']} --root {manifest['root']} --split {manifest['split']}",
+    return " ".join([f"spot-fast cache {manifest['dataset']} --root {manifest['root']} --split {split}",
                      f"--preset {preset} --image-size {manifest['encoder']['image_size']}",
                      *([f"--random-init --seed {seed.group(1)}"] if seed else []), *options,
                      f"--dtype {manifest['dtype']} --format {manifest['format']} --split-block {split_block}",
-                     f"--out {path}.split{split_block}"])
+                     f"--out {out}"])
+
+
+def no_split_tokens(tcfg: TrainConfig, manifest: dict, path: Path, split_block: int) -> TrainError:
+    """Stage 2 on a cache without split tokens: the command that builds one, and how to train on it."""
+    if tcfg.cache and not tcfg.train_cache and not tcfg.val_cache:     # a --split both folder: both splits
+        out = Path(f"{Path(tcfg.cache)}.split{split_block}")
+        command, use = rebuild_command(manifest, out, "both", tcfg.preset, split_block), f"--cache {out}"
+    else:
+        out = Path(f"{path}.split{split_block}")
+        command = rebuild_command(manifest, out, manifest["split"], tcfg.preset, split_block)
+        use = f"--train-cache {out}"
+    return TrainError(f"cache {path} holds no split-layer tokens, which stage 2 trains from: rebuild it with "
+                      f"`{command}` and train with {use}")
 
 
 def encoder_as_cached(cfg: SPOTConfig, manifest: dict) -> SPOTConfig:
@@ -100,9 +114,7 @@ def open_cache_data(tcfg: TrainConfig, ranks: Ranks) -> RunSetup:
         cache = Cache(path)
         cfg = encoder_as_cached(model_config(tcfg, cache.manifest), cache.manifest)
         if cfg.stage == 2 and not cache.has_split_tokens:
-            raise TrainError(f"cache {path} holds no split-layer tokens, which stage 2 trains from: rebuild it "
-                             f"with `{rebuild_command(cache.manifest, path, tcfg.preset, cfg.encoder.split_block)}` and train "
-                             f"with --train-cache {path}.split{cfg.encoder.split_block}")
+            raise no_split_tokens(tcfg, cache.manifest, path, cfg.encoder.split_block)
         cfg, notes = fit_small_data(tcfg, cfg, cache.num_images, ranks.world_size)
         cache = open_cache(path, expect=cfg, allow_random_init=tcfg.allow_random_init)
         val = None
