@@ -33,13 +33,14 @@ def identity(config: dict) -> dict:
     skip = (*RESUME_FREE, *PATH_KEYS, *FREE_KEYS)
     train = {k: v for k, v in config["train"].items() if k not in skip}
     data = {k: v for k, v in config["data"].items() if k not in DATA_PATHS}
-    return {"model": config["model"], "train": train, "data": data, "teacher": config.get("teacher_sha256"),
+    return {"model": config["model"], "train": train, "data": data, "teacher": config.get("teacher_id"),
             "world_size": config["world_size"]}
 
 
 def run_config(model: dict, train: dict, data: dict, teacher_id: str | None, world_size: int) -> dict:
-    """config.json: the resolved configs, the data, the teacher, and `run_id` (a hash of `identity`)."""
-    config = {"model": model, "train": train, "data": data, "teacher_sha256": teacher_id, "world_size": world_size}
+    """config.json: the resolved configs, the data, the teacher (`teacher_id`: its checkpoint's checksum,
+    or a reference .pth's sha256), and `run_id` (a hash of `identity`)."""
+    config = {"model": model, "train": train, "data": data, "teacher_id": teacher_id, "world_size": world_size}
     return {**config, "run_id": json_digest(identity(config))}
 
 
