@@ -131,6 +131,14 @@ def test_resume_repairs_best_and_removes_temporaries(tmp_path):
     trainer.close()
     assert not list(run.rglob("*.tmp"))
     assert torch.load(best, weights_only=True)["state"]["step"] == best_step
+    foreign = torch.load(best, weights_only=True)        # another run's best.pt of the same step
+    foreign["run"]["id"], foreign["model"]["decoder.bos"] = "another run", foreign["model"]["decoder.bos"] + 1
+    torch.save(seal(foreign), best)
+    trainer = Trainer(tiny_config(run, epochs=3, resume=True))
+    trainer.begin()
+    trainer.close()
+    assert torch.equal(torch.load(best, weights_only=True)["model"]["decoder.bos"],
+                       torch.load(run / CHECKPOINTS / f"step-{best_step:08d}.pt", weights_only=True)["model"]["decoder.bos"])
 
 
 def test_resume_is_exact_in_every_saved_tensor_across_processes(tmp_path):

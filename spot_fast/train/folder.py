@@ -99,15 +99,17 @@ def resume_checkpoint(run: Path, config: dict, say, main: bool = True) -> tuple[
     raise TrainError(f"--resume: {run} holds no checkpoint to resume from; drop --resume to start")
 
 
-def repair_best(run: Path, best_step: int, say) -> None:
+def repair_best(run: Path, best_step: int, config: dict, say) -> None:
     """Make best.pt the checkpoint of `best_step` (the resumed state's best), when a kill left it
-    stale, half-written or missing and that step's checkpoint is still kept."""
+    stale, half-written or missing (or another run's is there) and that step's checkpoint is kept."""
     best = run / CHECKPOINTS / BEST
     if best_step < 0:
         best.unlink(missing_ok=True)
         return
     try:
-        if read_checkpoint(best)["state"]["step"] == best_step:
+        ckpt = read_checkpoint(best)
+        check_belongs(ckpt, best, config)
+        if ckpt["state"]["step"] == best_step:
             return
     except RunError:
         pass

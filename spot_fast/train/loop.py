@@ -148,7 +148,7 @@ class Trainer:
             ckpt, _ = folder.resume_checkpoint(self.run, self.config, notes.append, self.ranks.main)
             self.load(ckpt)
             if self.ranks.main:
-                folder.repair_best(self.run, self.state.best_step, notes.append)
+                folder.repair_best(self.run, self.state.best_step, self.config, notes.append)
         elif step_checkpoints(self.run):
             raise TrainError(f"{self.run} already holds checkpoints of a run: pass --resume to continue it, "
                              f"or choose another --out")
