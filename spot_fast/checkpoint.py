@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from spot_fast.encoders import is_torch_save_file, load_failure
 from spot_fast.errors import UserError
+from spot_fast.io import load_tensors
 from spot_fast.model import SPOT, block_name, tail_name
 
 # (reference name, spot-fast name) templates; `{i}` is a block index. Tried in order.
@@ -84,17 +83,8 @@ class LoadReport:
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """torch.load of a checkpoint file (tensors and plain values only), refusals in one line."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointMismatch(f"reference checkpoint {path}: no such file")
-    if not is_torch_save_file(path):
-        raise CheckpointMismatch(f"reference checkpoint {path} cannot be read (not a torch.save file of tensors)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:    # pickle, zip and torch each raise their own types
-        raise CheckpointMismatch(f"reference checkpoint {path} cannot be read ({load_failure(err)}); if you "
-                                 f"trust it, pass torch.load(path, weights_only=False) instead of the "
-                                 f"path") from None
+    return load_tensors(path, "reference checkpoint", CheckpointMismatch,
+                        pickled_fix="if you trust it, pass torch.load(path, weights_only=False) instead of the path")
 
 
 def _unwrap(ckpt) -> dict[str, torch.Tensor]:

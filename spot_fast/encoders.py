@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import re
 from dataclasses import dataclass
 from functools import partial
@@ -23,6 +22,7 @@ import torch.nn as nn
 
 from spot_fast.config import EncoderConfig
 from spot_fast.errors import UserError
+from spot_fast.io import load_failure, load_tensors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -97,42 +97,15 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFound(f"--weights {path}: no such file")
-    if path.suffix != ".safetensors" and not is_torch_save_file(path):
-        raise WeightsError(f"--weights {path} is not a readable {path.suffix or 'torch'} weights file (not a "
-                           f"torch.save file of tensors): pass the encoder's .pth or .safetensors release")
+    fix = "pass the encoder's .pth or .safetensors release"
+    if path.suffix != ".safetensors":
+        return _unwrap_state_dict(load_tensors(path, "--weights", WeightsError, fix), path)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:    # safetensors, pickle, zip and torch each raise their own types
-        raise WeightsError(f"--weights {path} is not a readable {path.suffix or 'torch'} weights file "
-                           f"({load_failure(err)}): pass the encoder's .pth or .safetensors release") from None
-    return _unwrap_state_dict(obj, path)
-
-
-def is_torch_save_file(path: str | os.PathLike) -> bool:
-    """Whether a file starts as torch.save writes: a zip archive, or (the legacy format) a pickle."""
-    import zipfile
-    try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
-    except OSError:
-        return False
-
-
-def load_failure(err: Exception) -> str:
-    """One line on why torch.load / safetensors refused a file (their messages run to paragraphs).
-    Files that are not torch.save files at all are refused before loading (`is_torch_save_file`):
-    on random bytes the unpickler fails in arbitrary ways (IndexError, EOFError, ...)."""
-    text = str(err)
-    pickled = re.search(r"GLOBAL (\S+) was not an allowed global", text)
-    if pickled:
-        return f"it pickles Python objects ({pickled.group(1)}) besides tensors; save only the state dict"
-    if "WeightsUnpickler" in text or isinstance(err, pickle.UnpicklingError):
-        return "not a torch.save file of tensors"
-    return (text.strip().splitlines() or [type(err).__name__])[0][:160]
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    except Exception as err:    # safetensors raises its own types
+        raise WeightsError(f"--weights {path} is not a readable .safetensors weights file "
+                           f"({load_failure(err)}): {fix}") from None
 
 
 def describe_vit(state: dict[str, torch.Tensor]) -> dict[str, int] | None:

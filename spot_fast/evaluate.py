@@ -19,8 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spot_fast.config import SPOTConfig
+from spot_fast.devices import resolve_device
+from spot_fast.errors import UserError
+from spot_fast.io import write_atomic
 from spot_fast.metrics import MetricAccumulator, masks_to_labels
 from spot_fast.model import SPOT, SPOTOutput
+from spot_fast.runs import check_weights, checkpoint_weights, read_run_checkpoint
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [67, 99, 216], [245, 130, 49],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [188, 246, 12], [250, 190, 190],
@@ -28,6 +33,10 @@ PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [67, 99, 216],
 IGNORED = np.array([255, 255, 255], dtype=np.uint8)       # ground-truth pixels left out of every metric
 BACKGROUND = np.array([0, 0, 0], dtype=np.uint8)
 MASK_KINDS = ("decoder", "slot_attention")
+
+
+class EvaluationError(UserError, ValueError):
+    """A cache that cannot be evaluated on (no ground-truth masks)."""
 
 
 def run_model(model: SPOT, batch: dict, orders, generator: torch.Generator | None = None,
@@ -71,7 +80,8 @@ def evaluate(model: SPOT, cache, *, orders="all", batch_size: int = 64, out: str
     """Metrics of the model's masks on every image of a val cache: {"decoder": metrics,
     "slot_attention": metrics, "orders", "images"}, metrics as `MetricAccumulator.compute()`."""
     if not cache.has_masks:
-        raise ValueError(f"cache {cache.path} holds no ground-truth masks: evaluate on a val cache")
+        raise EvaluationError(f"cache {cache.path} holds no ground-truth masks (a train cache?): evaluate on a val "
+                              f"cache (`spot-fast cache ... --split val`)")
     model.eval()
     device = next(model.parameters()).device
     size = cache.manifest["mask_size"]
@@ -96,12 +106,14 @@ def evaluate(model: SPOT, cache, *, orders="all", batch_size: int = 64, out: str
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
-        np.savez_compressed(out / "labels.npz", index=torch.cat(index).numpy(),
-                            **{k: torch.cat(v).numpy() for k, v in labels.items()})
+        text = json.dumps(result, indent=1) + "\n"
+        write_atomic(out / "metrics.json", lambda f: f.write(text), mode="w")
+        arrays = {"index": torch.cat(index).numpy(), **{k: torch.cat(v).numpy() for k, v in labels.items()}}
+        write_atomic(out / "labels.npz", lambda f: np.savez_compressed(f, **arrays))
         if pictures:
             from PIL import Image
-            Image.fromarray(np.concatenate(pictures, axis=0)).save(out / "masks.png")
+            grid = Image.fromarray(np.concatenate(pictures, axis=0))
+            write_atomic(out / "masks.png", lambda f: grid.save(f, format="PNG"))
     return result
 
 
@@ -134,10 +146,18 @@ def _picture_rows(batch: dict, maps: dict[str, torch.Tensor], n: int) -> list[np
 def evaluate_run(run: str | os.PathLike, cache: str | os.PathLike, *, orders="all", batch_size: int = 64,
                  out: str | os.PathLike | None = None, num_pictures: int = 8, device=None,
                  allow_random_init: bool = False) -> dict:
-    """Load a run (folder or checkpoint), open the val cache for its config, evaluate."""
+    """Load a run (folder or checkpoint, verified), open the val cache for its config (features of
+    the encoder weights the run trained on), evaluate. A run trained on a random-init cache says so
+    in its config.json and is accepted without `allow_random_init`."""
     from spot_fast.cache import open_cache
-    from spot_fast.train.state import load_run
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg = load_run(run, device=device)
-    val = open_cache(cache, expect=cfg, allow_random_init=allow_random_init)
-    return evaluate(model, val, orders=orders, batch_size=batch_size, out=out, num_pictures=num_pictures)
+    device = resolve_device(device)
+    ckpt, _, config = read_run_checkpoint(run)
+    recorded = (config or {}).get("data", {})
+    cfg = SPOTConfig.from_dict(ckpt["config"])
+    model = SPOT(cfg)
+    model.load_state_dict(ckpt["model"])
+    val = open_cache(cache, expect=cfg, allow_random_init=allow_random_init or bool(recorded.get("random_init")))
+    check_weights(checkpoint_weights(ckpt) or recorded.get("weights"), val.manifest["weights"], f"run {run}",
+                  f"evaluate it on a cache of the encoder it trained on (cache {cache} holds other features)")
+    return evaluate(model.to(device).eval(), val, orders=orders, batch_size=batch_size, out=out,
+                    num_pictures=num_pictures)

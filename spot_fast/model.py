@@ -15,6 +15,7 @@ import torch.nn as nn
 from spot_fast.config import SPOTConfig
 from spot_fast.decoder import ARDecoder, MLPDecoder
 from spot_fast.encoders import build_tail
+from spot_fast.errors import UserError
 from spot_fast.slot_attention import SlotAttention
 
 
@@ -31,6 +32,10 @@ def block_name(tail_name: str, split_block: int) -> str:
     """The inverse of `tail_name`: `{j}.<rest>` -> `blocks.{j + split_block}.<rest>`."""
     j, rest = tail_name.split(".", 1)
     return f"blocks.{int(j) + split_block}.{rest}"
+
+
+class ModelInputError(UserError, ValueError):
+    """An input SPOT.forward cannot take (shape, dtype, device, empty batch); the message says which."""
 
 
 @dataclass
@@ -108,18 +113,40 @@ class SPOT(nn.Module):
         given = tuple(inputs.shape)
         if len(given) != 3 or given[1:] != (T, D):
             what = "split-layer tokens (B, P+N, D)" if stage2 else "features (B, N, D)"
-            raise ValueError(f"SPOT.forward: inputs of shape {given}, expected {what} = (B, {T}, {D}): "
+            raise ModelInputError(f"SPOT.forward: inputs of shape {given}, expected {what} = (B, {T}, {D}): "
                              + self._shape_hint(given))
         B, K, S = given[0], cfg.slot_attention.num_slots, cfg.slot_attention.slot_size
+        if B == 0:
+            raise ModelInputError("SPOT.forward: inputs hold no sample (batch of 0): pass at least one")
+        self._check_kind("inputs", inputs)
+        if target is not None:
+            self._check_kind("target", target)
         for name, t, want in (("target", target, (B, N, D)), ("noise", noise, (B, K, S))):
             if t is not None and tuple(t.shape) != want:
-                raise ValueError(f"SPOT.forward: {name} of shape {tuple(t.shape)}, expected {want}")
+                raise ModelInputError(f"SPOT.forward: {name} of shape {tuple(t.shape)}, expected {want}")
         if isinstance(orders, torch.Tensor) and orders.dim() > 0 and orders.shape[0] != B:
-            raise ValueError(f"SPOT.forward: orders of shape {tuple(orders.shape)}, expected ({B},) or ({B}, R)")
+            raise ModelInputError(f"SPOT.forward: orders of shape {tuple(orders.shape)}, expected ({B},) or ({B}, R)")
         ints = [orders] if isinstance(orders, int) else orders if isinstance(orders, (list, tuple)) else []
         if any(isinstance(o, bool) or not isinstance(o, int) or not 0 <= o < self.num_orders for o in ints):
-            raise ValueError(f"SPOT.forward: orders {orders!r}: order indices run 0..{self.num_orders - 1} "
+            raise ModelInputError(f"SPOT.forward: orders {orders!r}: order indices run 0..{self.num_orders - 1} "
                              f"(this model has {self.num_orders} orders)")
+
+    def _check_kind(self, name: str, t: torch.Tensor) -> None:
+        """The device and dtype the model computes in: its parameters' (under autocast also fp32 or
+        bf16, and fp16 on CUDA)."""
+        param = next(self.parameters())
+        if t.device != param.device:
+            raise ModelInputError(f"SPOT.forward: {name} on {t.device}, the model on {param.device}: move one, "
+                                  f"e.g. {name}.to('{param.device}')")
+        kind = param.device.type
+        ok = {param.dtype}
+        if torch.is_autocast_enabled(kind):
+            ok |= {torch.float32, torch.bfloat16} | ({torch.float16} if kind == "cuda" else set())
+        if t.dtype not in ok:
+            fix = "fp16 runs on CUDA only: use .float() or .bfloat16() under autocast" \
+                if t.dtype == torch.float16 and kind != "cuda" else f"convert with .to({param.dtype})"
+            raise ModelInputError(f"SPOT.forward: {name} of dtype {t.dtype}, the model computes in "
+                                  f"{param.dtype}: {fix}")
 
     def _shape_hint(self, given: tuple[int, ...]) -> str:
         """What is wrong with an input of shape `given`, in words."""

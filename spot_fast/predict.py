@@ -1,7 +1,7 @@
 """Use a trained model: slots and masks for images, the frozen encoder run on the fly.
 
     from spot_fast.predict import Predictor
-    predictor = Predictor.from_run("runs/spot")                       # encoder weights: local cache
+    predictor = Predictor.from_run("runs/spot")        # the run's encoder: its recorded weights id
     predictor = Predictor.from_reference("spot_coco.pth", preset("coco"))   # its own `encoder.*`
     p = predictor(["a.jpg", pil_image, tensor])                       # Prediction
     p.slots (B, K, S), p.slot_masks (B, K, h, w), p.decoder_masks (B, K, h, w), p.labels(320)
@@ -11,18 +11,33 @@ crop, ImageNet normalisation); tensors are taken as already normalised (3, S, S)
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from spot_fast.checkpoint import load_reference
+from spot_fast.checkpoint import CheckpointMismatch, load_reference
 from spot_fast.config import SPOTConfig
+from spot_fast.devices import resolve_device
 from spot_fast.encoders import FrozenEncoder, build_vit, load_weights
+from spot_fast.errors import UserError
 from spot_fast.evaluate import run_model
+from spot_fast.io import load_tensors
 from spot_fast.metrics import masks_to_labels
 from spot_fast.model import SPOT
+from spot_fast.runs import checkpoint_weights, read_run_checkpoint
+
+
+KINDS = ("decoder", "slot_attention")
+RANDOM_INIT_ID = re.compile(r"random-init:(\d+)(?:\+sincos-position-([0-9.eE+-]+))?$")
+
+
+class PredictError(UserError, ValueError):
+    """An input the predictor cannot use (images, a run folder, weights); the message says which and why."""
 
 
 @dataclass
@@ -32,29 +47,49 @@ class Prediction:
     decoder_masks: torch.Tensor  # (B, K, h, w) decoder masks, mean over the decoded orders
 
     def labels(self, size: int, kind: str = "decoder") -> torch.Tensor:
-        """(B, size, size) label maps: bilinear upsampling, argmax over the slots."""
+        """(B, size, size) label maps of the decoder ("decoder") or slot-attention ("slot_attention")
+        masks: bilinear upsampling, argmax over the slots."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise PredictError(f"labels(size={size!r}): size must be an int >= 1 (the label map's side in pixels)")
+        if kind not in KINDS:
+            raise PredictError(f"labels(kind={kind!r}): kind must be one of {', '.join(map(repr, KINDS))}")
         return masks_to_labels(self.decoder_masks if kind == "decoder" else self.slot_masks, size)
 
 
 def to_inputs(images, image_size: int) -> torch.Tensor:
-    """(B, 3, S, S) normalised: from paths, PIL images, (3, S, S) / (B, 3, S, S) tensors, or a list of them."""
+    """(B, 3, S, S) float32 normalised: from paths, PIL images, (3, S, S) / (B, 3, S, S) float
+    tensors (any float dtype), or a non-empty list of them."""
     from PIL import Image
 
     from spot_fast.data.transforms import load_rgb, resize_center_crop, to_input
+    want = f"(3, {image_size}, {image_size})"
     if isinstance(images, torch.Tensor) and images.dim() == 4:
-        return images
+        if tuple(images.shape[1:]) != (3, image_size, image_size) or images.shape[0] == 0:
+            raise PredictError(f"images: a (B, 3, {image_size}, {image_size}) batch with B >= 1 expected, got "
+                               f"{tuple(images.shape)}: resize/crop to {image_size} px, RGB channels first")
+        _check_float(images)
+        return images.float()
     items = images if isinstance(images, (list, tuple)) else [images]
+    if not items:
+        raise PredictError("images: an empty list; give at least one path, PIL image or tensor")
     out = []
     for item in items:
         if isinstance(item, (str, os.PathLike)):
             item = load_rgb(Path(item))
         if isinstance(item, Image.Image):
             item = to_input(resize_center_crop(item.convert("RGB"), image_size))
-        if not isinstance(item, torch.Tensor) or item.shape != (3, image_size, image_size):
-            raise ValueError(f"an input image is neither a path, a PIL image nor a (3, {image_size}, {image_size}) "
-                             f"tensor: got {type(item).__name__} {tuple(getattr(item, 'shape', ()))}")
-        out.append(item)
+        if not isinstance(item, torch.Tensor) or tuple(item.shape) != (3, image_size, image_size):
+            raise PredictError(f"an input image is neither a path, a PIL image nor a {want} tensor: got "
+                               f"{type(item).__name__} {tuple(getattr(item, 'shape', ()))}")
+        _check_float(item)
+        out.append(item.float())
     return torch.stack(out)
+
+
+def _check_float(t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise PredictError(f"images: a float tensor (ImageNet-normalised) expected, got {t.dtype}: convert with "
+                           f"spot_fast.data.transforms.to_input, or pass paths / PIL images")
 
 
 class Predictor:
@@ -66,21 +101,16 @@ class Predictor:
     @classmethod
     def from_run(cls, run: str | os.PathLike, weights: str | os.PathLike | None = None, device=None,
                  **kw) -> "Predictor":
-        """A spot-fast run folder or checkpoint. `weights`: the encoder's file (None: the local
-        HF / torch-hub cache; "random-init" rebuilds the random encoder of a test cache)."""
-        from spot_fast.train.state import checkpoint_file, read_checkpoint
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        ckpt = read_checkpoint(checkpoint_file(run))
+        """A spot-fast run folder or checkpoint (verified). The encoder is the one the run trained on,
+        rebuilt from what the run records: a random-init encoder from its seed, real weights from
+        `weights` (a file) or the local HF / torch-hub cache, refused when they are other weights."""
+        device = resolve_device(device)
+        ckpt, _, config = read_run_checkpoint(run, "run")
         cfg = SPOTConfig.from_dict(ckpt["config"])
         model = SPOT(cfg)
         model.load_state_dict(ckpt["model"])
-        recorded = _recorded_weights(Path(run))
-        if weights == "random-init":
-            seed = int(recorded.split(":")[1]) if recorded and recorded.startswith("random-init:") else 0
-            encoder = FrozenEncoder.create(cfg.encoder, random_init=True, seed=seed)
-        else:
-            encoder = FrozenEncoder.create(cfg.encoder, weights=weights)
-        return cls(model.to(device), encoder, **kw)
+        recorded = checkpoint_weights(ckpt) or (config or {}).get("data", {}).get("weights")
+        return cls(model.to(device), run_encoder(cfg, recorded, weights), **kw)
 
     @classmethod
     def from_reference(cls, checkpoint: str | os.PathLike | dict, cfg: SPOTConfig,
@@ -88,9 +118,9 @@ class Predictor:
         """A reference-format checkpoint (`cfg`: its config, e.g. preset("coco") or preset("coco", 2)).
         The frozen encoder comes from `weights`, else from the checkpoint itself (`encoder.*` for
         stage 1, `second_encoder.*` for stage 2)."""
-        from spot_fast.train.teacher import read_checkpoint_file
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        ckpt = checkpoint if isinstance(checkpoint, dict) else read_checkpoint_file(Path(checkpoint))
+        device = resolve_device(device)
+        ckpt = checkpoint if isinstance(checkpoint, dict) else \
+            load_tensors(checkpoint, "checkpoint", CheckpointMismatch, allow=(argparse.Namespace,))
         model = SPOT(cfg)
         load_reference(model, ckpt)
         if weights is not None:
@@ -100,7 +130,7 @@ class Predictor:
             prefix = "second_encoder." if cfg.stage == 2 else "encoder."
             frozen = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if not frozen:
-                raise ValueError(f"the checkpoint holds no `{prefix}*` weights: pass weights= (the encoder's file)")
+                raise PredictError(f"the checkpoint holds no `{prefix}*` weights: pass weights= (the encoder's file)")
             vit = build_vit(cfg.encoder)
             load_weights(vit, frozen)
             encoder = FrozenEncoder(cfg.encoder, vit, "reference-checkpoint")
@@ -117,9 +147,22 @@ class Predictor:
         return Prediction(slots=out.slots, slot_masks=out.sa_masks, decoder_masks=out.dec_masks)
 
 
-def _recorded_weights(run: Path) -> str | None:
-    """The encoder weights id a run was trained with (its config.json), if known."""
-    import json
-    file = (run if run.is_dir() else run.parent.parent) / "config.json"
-    return json.loads(file.read_text())["data"].get("weights") if file.is_file() else None
-
+def run_encoder(cfg: SPOTConfig, recorded: str | None, weights: str | os.PathLike | None) -> FrozenEncoder:
+    """The frozen encoder a run's features came from (`recorded`: its weights id)."""
+    match = RANDOM_INIT_ID.match(recorded or "")
+    if match or weights == "random-init":
+        if recorded is not None and not match:
+            raise PredictError(f"weights='random-init': the run trained on features of real encoder weights "
+                               f"({recorded[:24]}); pass weights= (their file) or leave it out")
+        enc = cfg.encoder
+        if match and match.group(2) is not None:       # the demo's encoder: a fixed sin-cos position table
+            enc = dataclasses.replace(enc, position="sincos", position_scale=float(match.group(2)))
+        encoder = FrozenEncoder.create(enc, random_init=True, seed=int(match.group(1)) if match else 0)
+        encoder.weights_id = recorded or encoder.weights_id
+        return encoder
+    encoder = FrozenEncoder.create(cfg.encoder, weights=weights)
+    if recorded is not None and encoder.weights_id != recorded:
+        where = f"weights={weights}" if weights is not None else "the local HF / torch-hub cache's weights"
+        raise PredictError(f"{where} are not the encoder weights the run trained on ({recorded[:24]}): pass "
+                           f"weights= with that file")
+    return encoder

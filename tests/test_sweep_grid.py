@@ -36,6 +36,9 @@ def test_typed_values_none_and_bool():
     (["slot_attention.num_slots"], "write key=value1,value2"),
     (["slot_attention.num_slots=5,,6"], "write key=value1,value2"),
     (["slot_attention.num_slots=5,5"], "listed twice"),
+    (["slot_attention.num_slots=03,3"], "listed twice (as the config reads them: "),
+    (["optim.lr=1e-3,0.001"], "listed twice"),
+    (["slot_attention.num_slots=5,five"], "expected a value of type int"),
     (["encoder.image_size=224,448"], "the cache fixes the encoder"),
     (["optim.batch_size=32,64"], "same batches"),
     (["decoder.kind=mlp", "decoder.kind=transformer"], "lists a key twice"),
@@ -53,6 +56,7 @@ def test_grid_mistakes_are_one_message(grid, message):
     ({"decoder.kind": "mlp"}, "variant v: .*the MLP decoder only has the raster order"),
 ])
 def test_bad_values_name_the_variant_and_key(overrides, message):
+    """(resolve: a variants file's values are read when the variant is resolved)"""
     with pytest.raises(GridError, match=message):
         resolve(preset("tiny"), Variant("v", overrides))
 
@@ -107,3 +111,12 @@ def test_missing_variants_file_and_grid_clash(tmp_path):
     path.write_text("[variants.a]\nslot_attention.num_slots = 4\n")
     with pytest.raises(GridError, match="'a' sets slot_attention.num_slots, which --grid also varies"):
         expand(["slot_attention.num_slots=5,6"], path)
+
+
+def test_variants_that_resolve_to_one_config_are_refused():
+    from spot_fast.sweep.grid import check_distinct
+    base = preset("tiny")
+    variants = [Variant("a", {"optim.lr": "1e-3"}), Variant("b", {"optim.lr": "0.001"}), Variant("c", {})]
+    with pytest.raises(GridError, match="variants 'a' and 'b' train the same config"):
+        check_distinct([(v, resolve(base, v)) for v in variants])
+    check_distinct([(v, resolve(base, v)) for v in variants[1:]])

@@ -41,7 +41,7 @@ def test_stage1_learns_and_writes_the_run_folder():
     names = [p.name for p in step_checkpoints(run)]
     assert names == ["step-00000005.pt", "step-00000010.pt", "step-00000015.pt"]
     ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
-    assert ckpt["state"]["best_step"] == ckpt["state"]["step"] and set(ckpt["rng"]) >= {"torch", "numpy", "python"}
+    assert ckpt["state"]["best_step"] == ckpt["state"]["step"] and set(ckpt["rng"]) == {"torch", "cuda"}
     val = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["kind"] == "val"]
     assert ckpt["state"]["best"] == min(r["loss"] for r in val)
     model, cfg = load_run(run)
@@ -118,7 +118,7 @@ def test_refusals_name_the_fix(tmp_path):
     with pytest.raises(TrainError, match="random-init encoder"):
         Trainer(tiny_config(tmp_path / "a", allow_random_init=False))
     with pytest.raises(TrainError, match=rf"rebuild it with `spot-fast cache synthetic --root {caches.root} "
-                                         rf"--split train --split-block 2 --out {caches.nosplit}`"):
+                                         rf"--split train .*--split-block 2 --out {caches.nosplit}.split2`"):
         Trainer(tiny_config(tmp_path / "b", cache=None, train_cache=str(caches.nosplit), stage=2,
                             teacher=str(tiny_stage1_run())))
     with pytest.raises(TrainError, match=r"teacher .* does not fit the student .*num_slots 3 vs 4"):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spot_fast.config import SPOTConfig
-from spot_fast.train.config import TrainError, apply_overrides, config_keys
+from spot_fast.train.config import TrainError, apply_overrides, config_keys, parse_value
 
 # Keys a sweep cannot vary: every variant reads the same batches from the same cache.
 FIXED_KEYS = {
@@ -54,6 +54,16 @@ def _check_key(key: str) -> None:
         raise GridError(f"unknown key {key!r}: {hint}")
 
 
+def check_distinct(resolved: list[tuple[Variant, SPOTConfig]]) -> None:
+    """GridError when two variants resolve to the same config (they would train the same run twice)."""
+    seen: dict[str, str] = {}
+    for v, cfg in resolved:
+        key = repr(cfg.to_dict())
+        if key in seen:
+            raise GridError(f"variants {seen[key]!r} and {v.name!r} train the same config: drop one of them")
+        seen[key] = v.name
+
+
 def resolve(base: SPOTConfig, variant: Variant) -> SPOTConfig:
     """`base` with the variant's overrides (the trainer's --set rules); GridError naming the variant."""
     try:
@@ -69,9 +79,13 @@ def parse_grid(spec: str) -> tuple[str, list[str]]:
     items = [v.strip() for v in values.split(",")]
     if not sep or not key or not all(items):
         raise GridError(f"--grid {spec!r}: write key=value1,value2 (e.g. slot_attention.num_slots=5,6,7)")
-    if len(set(items)) != len(items):
-        raise GridError(f"--grid {spec!r}: a value is listed twice")
     _check_key(key)
+    try:
+        typed = [parse_value(key, v, config_keys()[key]) for v in items]     # "03" and "3", "1e-3" and "0.001"
+    except TrainError as e:
+        raise GridError(f"--grid {spec!r}: {e}") from None
+    if len(set(map(repr, typed))) != len(typed):
+        raise GridError(f"--grid {spec!r}: a value is listed twice (as the config reads them: {typed})")
     return key, items
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from spot_fast.evaluate import PALETTE
+from spot_fast.io import write_atomic
 
 
 @dataclass
@@ -109,8 +110,9 @@ def write_summary(results: list[VariantResult], out: Path, rank_by: str = "decod
     """summary.md and summary.csv in `out`."""
     s = summarize(results, rank_by)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(to_markdown(s))
-    (out / "summary.csv").write_text(to_csv(s))
+    markdown, rows = to_markdown(s), to_csv(s)
+    write_atomic(out / "summary.md", lambda f: f.write(markdown), mode="w")
+    write_atomic(out / "summary.csv", lambda f: f.write(rows), mode="w")
     return s
 
 
@@ -142,7 +144,8 @@ def draw_rows(jpegs: list[bytes], truth: torch.Tensor, labels: dict[str, torch.T
     rows["ground truth"] = [_paint(m, size) for m in truth]
     width = 6 * max(len(n) for n in rows) + 6
     bands = [np.concatenate([_label(n, size, width), *tiles], axis=1) for n, tiles in rows.items()]
-    Image.fromarray(np.concatenate(bands, axis=0)).save(path)
+    grid = Image.fromarray(np.concatenate(bands, axis=0))
+    write_atomic(path, lambda f: grid.save(f, format="PNG"))
 
 
 # ----------------------------------------------------------------------------- from run folders

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,10 @@ from pathlib import Path
 from spot_fast.cache import Cache, CacheError, device_batches
 from spot_fast.config import SPOTConfig
 from spot_fast.evaluate import MASK_KINDS
+from spot_fast.io import write_json_atomic
 from spot_fast.metrics import METRIC_NAMES
-from spot_fast.sweep.grid import GridError, Variant, expand, resolve
+from spot_fast.runs import step_checkpoints
+from spot_fast.sweep.grid import GridError, Variant, check_distinct, expand, resolve
 from spot_fast.sweep.memory import GIB, HEADROOM, check_fits, free_bytes, how_many_fit, sweep_bytes, variant_memory
 from spot_fast.sweep.report import write_sweep_summary
 from spot_fast.sweep.stacked import StackedSPOT, stack_key
@@ -37,7 +38,7 @@ from spot_fast.sweep.variant import SharedTeacher, VariantRun, stacked_train_ste
 from spot_fast.train import ddp
 from spot_fast.train.config import RESUME_FREE, TrainConfig, TrainError, config_diff, model_config
 from spot_fast.train.loop import Trainer
-from spot_fast.train.state import step_checkpoints, write_json_atomic
+from spot_fast.train.folder import train_command
 
 SWEEP_FILE = "sweep.json"
 RANK_COLUMNS = (*(f"{kind}.{m}" for kind in MASK_KINDS for m in METRIC_NAMES), "train.loss", "train.mse",
@@ -83,9 +84,10 @@ def variant_configs(scfg: SweepConfig) -> list[tuple[Variant, TrainConfig, SPOTC
     except CacheError as e:
         raise TrainError(str(e)) from None
     base = model_config(t, manifest)
+    resolved = [(v, resolve(base, v)) for v in variants]
+    check_distinct(resolved)
     out = []
-    for v in variants:
-        cfg = resolve(base, v)
+    for v, cfg in resolved:
         teacher = str(Path(scfg.teachers) / v.name) if scfg.teachers else t.teacher
         if scfg.teachers and not Path(teacher).exists():
             raise TrainError(f"--teachers {scfg.teachers}: no run {v.name!r} in it for the variant of that name; "
@@ -94,21 +96,6 @@ def variant_configs(scfg: SweepConfig) -> list[tuple[Variant, TrainConfig, SPOTC
                                    teacher=teacher, progress=False)   # one line per epoch instead of M bars
         out.append((v, tcfg, cfg))
     return out
-
-
-def train_command(tcfg: TrainConfig) -> str:
-    """The `spot-fast train` command that trains (or, with --resume, continues) this variant alone."""
-    default = TrainConfig()
-    args = ["spot-fast", "train"]
-    for f in dataclasses.fields(TrainConfig):
-        v = getattr(tcfg, f.name)
-        if f.name == "overrides":
-            for k, x in v.items():
-                args += ["--set", f"{k}={x}"]
-        elif v != getattr(default, f.name) and f.name != "resume":
-            flag = "--" + f.name.replace("_", "-")
-            args += [flag] if v is True else [f"--no-{flag[2:]}"] if v is False else [flag, str(v)]
-    return shlex.join(args)
 
 
 def memory_args(scfg: SweepConfig, planned: list[tuple[Variant, TrainConfig, SPOTConfig]], device) -> dict:
@@ -196,8 +183,8 @@ class Sweep:
 
     def _variant_run(self, v: Variant, tcfg: TrainConfig, ranks) -> VariantRun:
         trainer = Trainer(tcfg, ranks)
-        if trainer.teacher is not None:        # one frozen teacher (and one forward per step) per teacher path
-            shared = self.teachers.setdefault(tcfg.teacher, SharedTeacher(trainer.teacher))
+        if trainer.teacher is not None:        # one frozen teacher (and one forward per step) per teacher checkpoint
+            shared = self.teachers.setdefault(trainer.setup.teacher_id, SharedTeacher(trainer.teacher))
             trainer.teacher = shared
         return VariantRun(v.name, trainer)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from spot_fast.losses import stage2_loss
 from spot_fast.model import SPOT
 from spot_fast.sweep.stacked import StackedSPOT
 from spot_fast.train.loop import Trainer
@@ -62,27 +61,18 @@ class VariantRun:
 
 def stacked_train_step(trainers: list[Trainer], stacked: StackedSPOT, batch: dict) -> list[dict[str, torch.Tensor]]:
     """`Trainer.train_step` for M trainers of one architecture at the same step: each one's
-    `before_step`, ONE stacked forward/backward, each one's `after_step` (clipping, Adam step).
+    `before_step` (its `StepPlan`), ONE stacked forward, each plan's losses of its model's output
+    (the step functions' own), one backward, each one's `after_step` (clipping, Adam step).
     Returns each one's losses (for `Trainer.record`)."""
-    rnds = [t.before_step(batch) for t in trainers]
-    rnd = rnds[0]                        # the students' draws: equal for one architecture and seed
-    first, features = trainers[0], batch["features"]
-    with autocast(features.device, first.autocast_dtype):
-        if first.teacher is None:
-            out = stacked(features, orders=rnd.orders, noise=rnd.noise)
-            total = out.loss.sum()
-            results = [{"loss": loss.detach(), "mse": loss.detach()} for loss in out.loss]
-        else:
-            out = stacked(batch["split_tokens"], target=features, orders=rnd.orders, noise=rnd.noise)
-            losses = []
-            for t, r, o in zip(trainers, rnds, stacked.unstack(out)):
-                with torch.no_grad():
-                    masks = t.teacher(features, orders=r.teacher_orders, noise=r.teacher_noise,
-                                      masks_only=True).dec_masks
-                losses.append(stage2_loss(o, masks.float(), t.ce_weights[t.state.step]))
-            total = sum(loss.total for loss in losses)
-            results = [{"loss": x.total.detach(), "mse": x.mse.detach(), "ce": x.ce.detach()} for x in losses]
-    total.backward()
+    plans = [t.before_step(batch) for t in trainers]
+    rnd = plans[0].randomness             # the students' draws: equal for one architecture and seed
+    features = batch["features"]
+    stage2 = plans[0].teacher is not None
+    with autocast(features.device, plans[0].autocast_dtype):
+        inputs, target = (batch["split_tokens"], features) if stage2 else (features, None)
+        outs = stacked.unstack(stacked(inputs, target=target, orders=rnd.orders, noise=rnd.noise))
+        losses = [plan.losses(out, batch) for plan, out in zip(plans, outs)]
+    sum(total for total, _ in losses).backward()
     for t in trainers:
         t.after_step()
-    return results
+    return [logged for _, logged in losses]

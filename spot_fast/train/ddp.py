@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from spot_fast.devices import resolve_device
+
 
 @dataclass
 class Ranks:
@@ -50,14 +52,21 @@ def setup(device: str | None) -> Ranks:
     """Join the process group when WORLD_SIZE > 1 and pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device, local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Ranks(rank, world, dev)
+
+
+def wrap(model: torch.nn.Module, ranks: Ranks, compile: bool = False) -> torch.nn.Module:
+    """The module the steps call: DDP across ranks, torch.compile if asked."""
+    wrapped = model
+    if ranks.distributed:
+        ids = [ranks.device.index] if ranks.device.type == "cuda" else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return torch.compile(wrapped) if compile else wrapped
 
 
 def teardown(ranks: Ranks) -> None:

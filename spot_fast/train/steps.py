@@ -16,10 +16,31 @@ import torch
 
 from spot_fast.config import SPOTConfig
 from spot_fast.losses import stage2_loss
+from spot_fast.model import SPOTOutput
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def teacher_masks(teacher, features: torch.Tensor, orders=None, noise: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """The frozen teacher's decoder masks (B, K, h, w), float, without gradients."""
+    with torch.no_grad():
+        return teacher(features, orders=orders, noise=noise, generator=generator, masks_only=True).dec_masks.float()
+
+
+def stage1_losses(out: SPOTOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(the loss to differentiate, the detached losses to log) of a stage-1 forward."""
+    loss = out.loss.detach()
+    return out.loss, {"loss": loss, "mse": loss}
+
+
+def stage2_losses(out: SPOTOutput, masks: torch.Tensor, ce_weight) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(the loss to differentiate, the detached losses to log) of a stage-2 student forward
+    against the teacher's decoder masks (B, K, h, w)."""
+    loss = stage2_loss(out, masks, ce_weight)
+    return loss.total, {"loss": loss.total.detach(), "mse": loss.mse.detach(), "ce": loss.ce.detach()}
 
 
 def stage1_forward_backward(model, batch: dict, *, generator: torch.Generator | None = None,
@@ -28,10 +49,9 @@ def stage1_forward_backward(model, batch: dict, *, generator: torch.Generator | 
     """Stage 1: reconstruct the frozen features from the slots. batch["features"]: (B, N, D)."""
     features = batch["features"]
     with autocast(features.device, autocast_dtype):
-        out = model(features, orders=orders, noise=noise, generator=generator)
-    out.loss.backward()
-    loss = out.loss.detach()
-    return {"loss": loss, "mse": loss}
+        total, losses = stage1_losses(model(features, orders=orders, noise=noise, generator=generator))
+    total.backward()
+    return losses
 
 
 def stage2_forward_backward(student, teacher, batch: dict, *, ce_weight: float | torch.Tensor,
@@ -43,12 +63,11 @@ def stage2_forward_backward(student, teacher, batch: dict, *, ce_weight: float |
     features and distils the teacher's decoder masks into its slot-attention logits."""
     features = batch["features"]
     with autocast(features.device, autocast_dtype):
-        with torch.no_grad():
-            t = teacher(features, orders=teacher_orders, noise=teacher_noise, generator=generator, masks_only=True)
+        masks = teacher_masks(teacher, features, teacher_orders, teacher_noise, generator)
         out = student(batch["split_tokens"], target=features, orders=orders, generator=generator)
-        loss = stage2_loss(out, t.dec_masks.float(), ce_weight)
-    loss.total.backward()
-    return {"loss": loss.total.detach(), "mse": loss.mse.detach(), "ce": loss.ce.detach()}
+        total, losses = stage2_losses(out, masks, ce_weight)
+    total.backward()
+    return losses
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:
@@ -95,3 +114,32 @@ def _noise(cfg: SPOTConfig, seed: int, step: int, stream: int, G: int, rows: sli
         return None
     g = torch.Generator(device).manual_seed(step_seed(seed, step, stream))
     return torch.randn(G, sa.num_slots, sa.slot_size, generator=g, device=device)[rows]   # (b, K, S)
+
+
+@dataclass
+class StepPlan:
+    """What one trainer's step needs besides the batch (`Trainer.before_step` returns it): a
+    driver that runs several models' forward/backward as one (the stacked sweep) reads it here."""
+    randomness: StepRandomness            # the step's patch orders and slot noise
+    autocast_dtype: torch.dtype | None    # bf16 autocast, or None
+    teacher: object = None                # stage 2: the frozen teacher (a SPOT, or a shared wrapper)
+    ce_weight: float = 0.0                # stage 2: this step's cross-entropy weight
+
+    def forward_backward(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        """The stage's model + loss on the batch, gradients into the model; detached device losses."""
+        r = self.randomness
+        if self.teacher is None:
+            return stage1_forward_backward(model, batch, orders=r.orders, noise=r.noise,
+                                           autocast_dtype=self.autocast_dtype)
+        return stage2_forward_backward(model, self.teacher, batch, ce_weight=self.ce_weight, orders=r.orders,
+                                       teacher_orders=r.teacher_orders, teacher_noise=r.teacher_noise,
+                                       autocast_dtype=self.autocast_dtype)
+
+    def losses(self, out: SPOTOutput, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The step's losses of a model output computed elsewhere on the same batch and draws
+        (inside this plan's autocast): (the loss to differentiate, the detached losses to log)."""
+        if self.teacher is None:
+            return stage1_losses(out)
+        r = self.randomness
+        masks = teacher_masks(self.teacher, batch["features"], r.teacher_orders, r.teacher_noise)
+        return stage2_losses(out, masks, self.ce_weight)

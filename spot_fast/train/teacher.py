@@ -1,6 +1,6 @@
 """The frozen stage-2 teacher: a spot-fast run / checkpoint, or a reference-format checkpoint.
 
-    teacher_model = load_teacher("runs/teacher", student_cfg)       # eval mode, no gradients
+    teacher_model, teacher_id = load_teacher("runs/teacher", student_cfg)   # eval mode, no gradients
 
 A reference checkpoint is read into the student's geometry with the decoder (AR with 9 orders,
 raster only, or MLP) and slot init its weights show. Anything that does not fit the student
@@ -10,28 +10,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import pickle
 from pathlib import Path
-
-import torch
 
 from spot_fast.checkpoint import CheckpointMismatch, load_reference
 from spot_fast.config import SPOTConfig
+from spot_fast.encoders import file_sha256
+from spot_fast.io import load_tensors
 from spot_fast.model import SPOT
+from spot_fast.runs import (CHECKSUM, FORMAT, RunError, check_belongs, check_weights, checkpoint_file,
+                            checkpoint_weights, read_run_config, run_folder_of, verify_checkpoint)
 from spot_fast.train.config import TrainError
-from spot_fast.train.state import FORMAT, checkpoint_file
 
 GEOMETRY = ("name", "image_size", "patch_size", "embed_dim")
 
 
-def read_checkpoint_file(path: Path) -> dict:
+def read_checkpoint_file(path: Path, what: str = "--teacher") -> dict:
     """Any checkpoint file, tensors and plain values only (a reference run's pickled argparse
     Namespace of options is allowed); TrainError if it cannot be read."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise TrainError(f"{path} is unreadable as a checkpoint ({type(e).__name__}: {e})") from None
+    return load_tensors(path, what, TrainError, allow=(argparse.Namespace,),
+                        fix="give a spot-fast stage-1 run folder, one of its checkpoints, or a reference-format .pth")
 
 
 def reference_config(state: dict, like: SPOTConfig) -> SPOTConfig:
@@ -60,17 +57,27 @@ def _check_fits(cfg: SPOTConfig, student: SPOTConfig, where: str) -> None:
                          f"use the stage-1 run trained on this cache, or --set the student to match")
 
 
-def load_teacher(path: str, student: SPOTConfig, device="cpu") -> SPOT:
-    """The frozen teacher for `student`, in eval mode with gradients off."""
+def load_teacher(path: str, student: SPOTConfig, device="cpu", weights: str | None = None) -> tuple[SPOT, str]:
+    """(the frozen teacher for `student`, in eval mode with gradients off; its id: the checksum of
+    its checkpoint). `weights`: the encoder weights id of the student's features; a spot-fast
+    teacher trained on features of other weights is refused, even when the shapes match."""
     file = checkpoint_file(path) if Path(path).exists() else Path(path)
     if not file.is_file():
         raise TrainError(f"--teacher {path}: no such run folder or checkpoint")
     raw = read_checkpoint_file(file)
-    if isinstance(raw, dict) and raw.get("format") == FORMAT:      # a spot-fast checkpoint
+    if isinstance(raw, dict) and raw.get("format") == FORMAT:      # a spot-fast checkpoint: verified
+        try:
+            verify_checkpoint(raw, file, "--teacher")
+            check_belongs(raw, file, read_run_config(run_folder_of(file)))
+            check_weights(checkpoint_weights(raw), weights, f"teacher {path}",
+                          "train the teacher on this cache (or give the cache its features came from)")
+        except RunError as e:
+            raise TrainError(str(e)) from None
         cfg = SPOTConfig.from_dict(raw["config"])
         _check_fits(cfg, student, str(path))
         model = SPOT(cfg)
         model.load_state_dict(raw["model"])
+        teacher_id = raw[CHECKSUM]
     else:
         cfg = reference_config(raw, student)
         _check_fits(cfg, student, str(path))
@@ -79,4 +86,5 @@ def load_teacher(path: str, student: SPOTConfig, device="cpu") -> SPOT:
             load_reference(model, raw)
         except CheckpointMismatch as e:
             raise TrainError(f"teacher {path} does not fit the student's config: {e}") from None
-    return model.to(device).eval().requires_grad_(False)
+        teacher_id = file_sha256(file)
+    return model.to(device).eval().requires_grad_(False), teacher_id

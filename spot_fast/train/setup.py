@@ -1,0 +1,229 @@
+"""Everything a run is resolved to before its first step, as one typed `RunSetup`:
+
+    setup = resolve_run(tcfg, ranks)
+    setup.cfg, setup.data, setup.val_cache, setup.teacher, setup.autocast_dtype, setup.notes
+
+The data source (a local cache, streamed shards or images through the frozen encoder), the
+model config (preset -> cache geometry -> --set -> short options; a batch and lr warm-up that fit
+a small dataset when the user left them to the preset), the stage-2 teacher and encoder tail,
+the precision (and with it TF32) and the thread count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from spot_fast.cache import Cache, CacheError, open_cache
+from spot_fast.config import SPOTConfig
+from spot_fast.encoders import file_sha256
+from spot_fast.model import SPOT
+from spot_fast.schedules import cosine_schedule, warmup_epochs
+from spot_fast.threads import configure_threads
+from spot_fast.train.config import TrainConfig, TrainError, model_config
+from spot_fast.train.data import CacheBatches, ImageBatches, StreamBatches
+from spot_fast.train.ddp import Ranks
+from spot_fast.train.teacher import load_teacher
+
+
+@dataclass
+class RunSetup:
+    cfg: SPOTConfig                      # the resolved model config (what config.json records as "model")
+    data: object                         # the batch source: CacheBatches | StreamBatches | ImageBatches
+    data_info: dict                      # config.json's "data": paths, manifest hashes, weights id, images
+    tail: dict | None = None             # stage 2: the frozen encoder's tail weights the student starts from
+    val_cache: Cache | None = None       # the validation cache (None: none given or found)
+    teacher: SPOT | None = None          # stage 2: the frozen teacher, eval mode
+    teacher_id: str | None = None        # stage 2: its checkpoint's checksum (resume compares it, not its path)
+    autocast_dtype: torch.dtype | None = None   # bf16 autocast, or None (fp32)
+    threads: int = 1                     # torch intra-op threads set for this run
+    notes: list[str] = field(default_factory=list)   # what was fitted to the data, for the intro line
+
+
+def rebuild_command(manifest: dict, out: Path, split: str, preset: str, split_block: int) -> str:
+    """The complete `spot-fast cache` command that builds the cache of `manifest` again into `out`
+    (`split`: its split, or "both"), with split tokens (real weights: the build's default, the
+    local HF / torch-hub cache's)."""
+    seed = re.match(r"random-init:(\d+)", manifest["weights"])
+    options = [f"-o {k}={v}" for k, v in sorted(manifest.get("source_options", {}).items())]
+    return " ".join([f"spot-fast cache {manifest['dataset']} --root {manifest['root']} --split {split}",
+                     f"--preset {preset} --image-size {manifest['encoder']['image_size']}",
+                     *([f"--random-init --seed {seed.group(1)}"] if seed else []), *options,
+                     f"--dtype {manifest['dtype']} --format {manifest['format']} --split-block {split_block}",
+                     f"--out {out}"])
+
+
+def no_split_tokens(tcfg: TrainConfig, manifest: dict, path: Path, split_block: int) -> TrainError:
+    """Stage 2 on a cache without split tokens: the command that builds one, and how to train on it."""
+    if tcfg.cache and not tcfg.train_cache and not tcfg.val_cache:     # a --split both folder: both splits
+        out = Path(f"{Path(tcfg.cache)}.split{split_block}")
+        command, use = rebuild_command(manifest, out, "both", tcfg.preset, split_block), f"--cache {out}"
+    else:
+        out = Path(f"{path}.split{split_block}")
+        command = rebuild_command(manifest, out, manifest["split"], tcfg.preset, split_block)
+        use = f"--train-cache {out}"
+    return TrainError(f"cache {path} holds no split-layer tokens, which stage 2 trains from: rebuild it with "
+                      f"`{command}` and train with {use}")
+
+
+def encoder_as_cached(cfg: SPOTConfig, manifest: dict) -> SPOTConfig:
+    """The config with the encoder's position table as the cache's manifest records it
+    ("position": "sincos:<scale>"; no key: learned), so the run records the encoder that made its features."""
+    position = manifest["encoder"].get("position")
+    kind, scale = ("learned", cfg.encoder.position_scale) if position is None else position.split(":")
+    enc = dataclasses.replace(cfg.encoder, position=kind, position_scale=float(scale))
+    return dataclasses.replace(cfg, encoder=enc)
+
+
+def set_precision(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype of `precision` on `device`; on CUDA also TF32 on (off for fp32). The one
+    place the trainer sets torch's global flags."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and cuda) else None
+
+
+def fit_small_data(tcfg: TrainConfig, cfg: SPOTConfig, samples: int, world_size: int) -> tuple[SPOTConfig, list]:
+    """A batch and lr warm-up that fit `samples` training images where the preset's would leave no
+    batch or a warm-up longer than training (and the user did not choose them); the notes say
+    what changed. Where the preset's fit, nothing changes."""
+    o, notes, chosen = cfg.optim, [], set(tcfg.overrides)
+    if tcfg.batch_size is None and "optim.batch_size" not in chosen and o.batch_size * world_size > samples:
+        batch = max(1, samples // world_size)
+        notes.append(f"batch {batch} (the preset's {o.batch_size} is more than the {samples} images)")
+        o = dataclasses.replace(o, batch_size=batch)
+    if "optim.warmup_steps" not in chosen and warmup_epochs(o.warmup_steps, samples, o.batch_size * world_size) > \
+            o.epochs:
+        steps = o.epochs * max(1, samples // (o.batch_size * world_size)) // 10
+        notes.append(f"lr warm-up {steps} steps (the preset's {o.warmup_steps} is longer than training on "
+                     f"{samples} images; a tenth of it)")
+        o = dataclasses.replace(o, warmup_steps=steps)
+    return dataclasses.replace(cfg, optim=o), notes
+
+
+def open_cache_data(tcfg: TrainConfig, ranks: Ranks) -> RunSetup:
+    """Model config, batches and val cache of a cache (or streamed) run; the manifest read once."""
+    path = Path(tcfg.train_cache) if tcfg.train_cache else Path(tcfg.cache) / "train"
+    val_path = Path(tcfg.val_cache) if tcfg.val_cache else (Path(tcfg.cache) / "val" if tcfg.cache else None)
+    try:
+        cache = Cache(path)
+        cfg = encoder_as_cached(model_config(tcfg, cache.manifest), cache.manifest)
+        if cfg.stage == 2 and not cache.has_split_tokens:
+            raise no_split_tokens(tcfg, cache.manifest, path, cfg.encoder.split_block)
+        cfg, notes = fit_small_data(tcfg, cfg, cache.num_images, ranks.world_size)
+        cache = open_cache(path, expect=cfg, allow_random_init=tcfg.allow_random_init)
+        val = None
+        if val_path is not None and (tcfg.val_cache or val_path.exists()):
+            val = open_cache(val_path, expect=cfg, allow_random_init=tcfg.allow_random_init)
+            if not val.has_masks:
+                raise TrainError(f"val cache {val_path} holds no ground-truth masks (a train cache?), which the "
+                                 f"evaluation after training needs: give a cache built with --split val")
+        if tcfg.stream is not None:
+            data = open_stream(tcfg, cache.manifest, cfg, ranks)
+        else:
+            data = CacheBatches(cache, cfg.optim.batch_size, seed=tcfg.seed, rank=ranks.rank,
+                                world_size=ranks.world_size, drop_last=tcfg.drop_last, split_tokens=cfg.stage == 2)
+    except CacheError as e:
+        raise TrainError(str(e)) from None
+    info = {"train_cache": str(path), "train_manifest_sha256": file_sha256(path / "manifest.json"),
+            "weights": cache.manifest["weights"], "random_init": bool(cache.manifest["random_init"]),
+            "encoder": cache.manifest["encoder"], "train_samples": cache.num_images}
+    if val is not None:
+        info.update(val_cache=str(val.path), val_manifest_sha256=file_sha256(val.path / "manifest.json"))
+    return RunSetup(cfg, data, info, tail=cache.tail_state() if cfg.stage == 2 else None, val_cache=val,
+                    notes=notes)
+
+
+def open_stream(tcfg: TrainConfig, manifest: dict, cfg: SPOTConfig, ranks: Ranks) -> StreamBatches:
+    from webdataset.shardlists import expand_urls
+    urls = expand_urls(tcfg.stream)
+    if manifest["format"] != "wds" or len(urls) != len(manifest["shards"]):
+        raise TrainError(f"--stream gives {len(urls)} shard URLs for a {manifest['format']} cache of "
+                         f"{len(manifest['shards'])} shards: stream the shards of a --format wds cache, all of "
+                         f"them, in index order (shard-00000.tar, ...)")
+    return StreamBatches(urls, manifest, cfg.optim.batch_size, seed=tcfg.seed, rank=ranks.rank,
+                         world_size=ranks.world_size, split_tokens=cfg.stage == 2)
+
+
+def open_image_data(tcfg: TrainConfig, ranks: Ranks) -> RunSetup:
+    """Model config and batches of a run on images through the frozen encoder."""
+    from spot_fast.cache.paths import encoder_description
+    from spot_fast.data.base import DatasetError
+    from spot_fast.data.sources import open_source
+    from spot_fast.encoders import FrozenEncoder, WeightsNotFound
+    cfg = model_config(tcfg)
+    random_init = tcfg.weights == "random-init"
+    if random_init and not tcfg.allow_random_init:
+        raise TrainError("--weights random-init trains on the features of an untrained ViT (tests only): "
+                         "pass --allow-random-init to mean it")
+    try:
+        source = open_source(tcfg.dataset, tcfg.images, "train", image_size=cfg.encoder.image_size)
+        encoder = FrozenEncoder.create(cfg.encoder, weights=None if random_init else tcfg.weights,
+                                       random_init=random_init)
+    except (DatasetError, WeightsNotFound) as e:
+        raise TrainError(str(e)) from None
+    cfg, notes = fit_small_data(tcfg, cfg, len(source), ranks.world_size)
+    split = cfg.encoder.split_block if cfg.stage == 2 else None
+    data = ImageBatches(source, encoder, cfg.optim.batch_size, seed=tcfg.seed, rank=ranks.rank,
+                        world_size=ranks.world_size, drop_last=tcfg.drop_last, split_block=split, device=ranks.device)
+    info = {"images": str(Path(tcfg.images).resolve()), "dataset": tcfg.dataset, "weights": encoder.weights_id,
+            "random_init": random_init, "encoder": encoder_description(cfg.encoder), "train_samples": len(source)}
+    return RunSetup(cfg, data, info, tail=encoder.tail_state(split) if split is not None else None, notes=notes)
+
+
+def resolve_run(tcfg: TrainConfig, ranks: Ranks) -> RunSetup:
+    """The whole run before its first step (TrainError naming the input when something does not fit)."""
+    tcfg.validate()
+    setup = open_image_data(tcfg, ranks) if tcfg.images is not None else open_cache_data(tcfg, ranks)
+    if tcfg.teacher is not None and setup.cfg.stage == 1:
+        raise TrainError("--teacher is for stage 2 (self-training); stage 1 trains without one: drop --teacher "
+                         "or pass --stage 2")
+    if setup.cfg.stage == 2:
+        setup.teacher, setup.teacher_id = load_teacher(tcfg.teacher, setup.cfg, ranks.device,
+                                                       weights=setup.data_info["weights"])
+    setup.autocast_dtype = set_precision(ranks.device, tcfg.precision)
+    o, enc = setup.cfg.optim, setup.cfg.encoder
+    work = o.batch_size * enc.grid_size ** 2 * enc.feature_dim
+    setup.threads = configure_threads(getattr(tcfg, "threads", None), work=work)
+    return setup
+
+
+
+def schedules(o, steps_per_epoch: int, samples: int, world_size: int) -> tuple[list[float], list[float]]:
+    """The per-step lr and stage-2 CE weight of the run (`o`: its OptimConfig)."""
+    warm = warmup_epochs(o.warmup_steps, samples, o.batch_size * world_size)
+    if warm > o.epochs:
+        raise TrainError(f"the lr warm-up ({warm} epochs = optim.warmup_steps {o.warmup_steps} / ({samples} "
+                         f"images / batch)) is longer than training ({o.epochs} epochs): raise --epochs or "
+                         f"--set optim.warmup_steps=...")
+    final = o.ce_weight if o.final_ce_weight is None else o.final_ce_weight
+    n = steps_per_epoch
+    return cosine_schedule(o.lr, o.lr_min, o.epochs, n, warm), cosine_schedule(o.ce_weight, final, o.epochs, n)
+
+
+def nan_cause(o, step: int) -> str:
+    """What to change when the loss went NaN/inf (`o`: the OptimConfig): a value that cannot
+    train, else the lr or the data."""
+    if not (math.isfinite(o.clip) and o.clip > 0):
+        return f"optim.clip = {o.clip} is not a positive number: --set optim.clip=0.3 (the presets' value)"
+    for name in ("ce_weight", "final_ce_weight"):
+        v = getattr(o, name)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            return f"optim.{name} = {v} is not a finite number >= 0: --set optim.{name}=0.005 (the presets' value)"
+    return f"lower --lr (now {o.lr:g}), or check the data the run reads around step {step}"
+
+
+def intro(setup: RunSetup, steps_per_epoch: int, world_size: int, device) -> str:
+    """The line a run starts with: data, schedule, batch, device, what was fitted or left out."""
+    dropped, o = getattr(setup.data, "dropped", 0), setup.cfg.optim
+    what = "DINOSAUR (the MLP-decoder baseline)" if setup.cfg.decoder.kind == "mlp" else f"SPOT stage {setup.cfg.stage}"
+    return (f"training {what}: {setup.data_info['train_samples']} images, {steps_per_epoch} "
+            f"steps/epoch x {o.epochs} epochs, batch {o.batch_size} x {world_size} rank(s), device {device}"
+            + (f"; fitted to the small dataset: {', '.join(setup.notes)}" if setup.notes else "")
+            + (f"; {dropped} image(s) per epoch left out (a short last batch under --drop-last, "
+               f"or to keep the ranks' steps equal)" if dropped else ""))
