@@ -49,7 +49,7 @@ def test_data_numeric_options_are_refused_where_they_enter(tmp_path, option, val
     (["--device", "gpu"], ["--device", "gpu", "cuda"]),
     (["-o", "crops=2"], ["-o crops=2", "no option"]),
     (["-o", "seed"], ["-o 'seed'", "KEY=VALUE"]),
-    (["--dtype", "int8"], ["--dtype", "int8"]),
+    (["--dtype", "int4"], ["--dtype", "int4"]),
     (["--compress", "lz4"], ["--compress", "zstd"]),
     (["--image-size", "30"], ["--image-size 30", "patch size 8"]),
     (["--weights", "w.pth"], ["--weights w.pth and --random-init exclude each other"]),
@@ -74,12 +74,12 @@ def test_debug_flag_and_env_show_the_traceback(tmp_path):
 
 
 def test_ctrl_c_during_a_build_says_how_to_resume(synth, tmp_path, monkeypatch):
-    import spot_fast.cache
+    import spot_fast.cache.splits
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(spot_fast.cache, "build_cache", interrupted)
+    monkeypatch.setattr(spot_fast.cache.splits, "build_cache", interrupted)
     res = cli("cache", "synthetic", "--root", synth, "--split", "train", "--out", tmp_path / "c", *TINY)
     assert res.exit_code == 130 and "Traceback" not in res.output, res.output
     assert "interrupted; finished shards are kept: rerun the same command to resume" in res.output
