@@ -55,6 +55,6 @@ def check_val_cache(cache: Path) -> None:
     if manifest.get("split") != "val":
         out = cache.parent / "val" if cache.name == "train" else cache.with_name(cache.name + "-val")
         command = cache_command(manifest, out, split="val")
-        how = f"build one with `{command}`" if command else "build one with the options of this cache and --split val"
-        raise TrainError(f"--cache {cache} is a {manifest.get('split')} cache, without ground-truth masks: evaluate "
-                         f"on a val cache or a `--split both` folder; {how}")
+        how = f"`{command}`" if command else "this cache's options and --split val"
+        raise TrainError(f"--cache {cache} is a {manifest.get('split')} cache (no ground-truth masks): evaluate on "
+                         f"a val cache; build one with {how}")

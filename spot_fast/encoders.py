@@ -24,9 +24,6 @@ from spot_fast.config import EncoderConfig
 from spot_fast.errors import UserError
 from spot_fast.io import load_failure, load_tensors
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class WeightsNotFound(UserError, FileNotFoundError):
     """No weights file given and none in the local caches, or the given path is not a file."""

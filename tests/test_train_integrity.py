@@ -249,7 +249,7 @@ def test_the_lock_names_this_process_and_is_free_again_once_released(tmp_path):
 
 
 def test_a_teacher_given_to_stage_1_is_refused_not_ignored(tmp_path):
-    with pytest.raises(TrainError, match="--teacher is for stage 2"):
+    with pytest.raises(TrainError, match="teacher is for stage 2"):
         Trainer(tiny_config(tmp_path / "r", teacher=str(tiny_stage1_run())))
 
 

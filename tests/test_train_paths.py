@@ -117,11 +117,14 @@ def test_the_intro_line_names_what_trains(tmp_path):
 
 
 def test_a_split_both_cache_without_split_tokens_gets_a_command_for_both_splits(tmp_path):
-    both = tmp_path / "both"
-    res = run_cli("cache", "synthetic", "--root", tiny_caches().root, "--split", "both", "--preset", "tiny",
-                  "--image-size", IMAGE_SIZE, "--random-init", "--dtype", "fp32", "--mask-size", MASK_SIZE,
-                  "--out", both, timeout=300)
-    assert res.returncode == 0, res.stderr
+    from spot_fast.cache import CacheBuildConfig, build_splits
+    from spot_fast.config import preset
+    both = tmp_path / "both"      # a preset's CLI build carries its split block: build one without, in Python
+    encoder = dataclasses.replace(preset("tiny").encoder, image_size=int(IMAGE_SIZE))
+    build_splits(CacheBuildConfig("synthetic", tiny_caches().root, split="both", out=both, encoder=encoder,
+                                  random_init=True, dtype="fp32", mask_size=int(MASK_SIZE), num_workers=0,
+                                  progress=False))
+    assert open_cache(both / "train", allow_random_init=True).manifest["layers"]["split_block"] is None
     with pytest.raises(TrainError) as err:
         Trainer(tiny_config(tmp_path / "s2", cache=str(both), stage=2, teacher=str(tiny_stage1_run())))
     message = str(err.value)
