@@ -11,13 +11,12 @@ import torch
 
 from spot_fast.bench import flops
 from spot_fast.bench.peaks import cpu_bf16_native, peak
-from spot_fast.bench.timing import Timing
+from spot_fast.bench.sections import run_sections
 from spot_fast.config import preset
 from spot_fast.errors import UserError
 
 SECTIONS = ("stage1", "stage2", "eval", "data", "contended", "sweep")
 DEFAULT_SECTIONS = ("stage1", "stage2", "eval", "data")
-TORCH_DEFAULT_THREADS = torch.get_num_threads()     # before any policy: torch's own choice
 
 
 class BenchError(UserError, ValueError):
@@ -101,26 +100,6 @@ def git_commit() -> str | None:
         return None
 
 
-def row_precision(name: str) -> str:
-    """The precision a row computes in: "<base> bf16" rows bf16, every other row fp32."""
-    return "bf16" if name.endswith(" bf16") else "fp32"
-
-
-def _rows(timings: dict[str, Timing], batch: int, step_flops: dict[str, int], peaks: dict[str, tuple],
-          baseline: str = "reference") -> dict:
-    """One entry per row: times, img/s, speed-up, FLOPs and MFU at the peak of its own precision."""
-    base = timings[baseline].median
-    out = {}
-    for name, t in timings.items():
-        f = step_flops.get(name.split(" ")[0])
-        value, note = peaks[row_precision(name)]
-        out[name] = {**t.to_dict(), "ms_per_step": 1e3 * t.median, "img_s": batch / t.median,
-                     "speedup_vs_" + baseline: base / t.median, "flops_per_step": f,
-                     "precision": row_precision(name), "peak_flops": value, "peak_source": note,
-                     "mfu": f / t.median / value if f and value else None}
-    return out
-
-
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     """Run the configured sections; returns the result dict (also saved as JSON when cfg.save)."""
     from spot_fast.threads import configure_threads
@@ -133,7 +112,6 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     result = {"config": asdict(cfg), "threads": threads, "git_commit": git_commit(),
               "reference": _reference_note(cfg), "flop_count": flops.__doc__.strip(), "sections": {}}
     with tempfile.TemporaryDirectory(prefix="spot-fast-bench-") as tmp:
-        from spot_fast.bench.sections import run_sections
         run_sections(cfg, model_cfg, Path(tmp), peaks, result, log)
     if cfg.save:
         from spot_fast.benchinfo import result_path, save_result

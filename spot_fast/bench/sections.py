@@ -10,13 +10,13 @@ import numpy as np
 import torch
 
 from spot_fast.bench import flops
+from spot_fast.bench.rows import TORCH_DEFAULT_THREADS, speed_rows
 from spot_fast.bench.timing import measure
 from spot_fast.bench.workloads import Options, eval_rows, reference_row, train_rows
 
 
 def run_sections(cfg, model_cfg, folder: Path, peaks: dict, result: dict, log) -> None:
     """Fill result["sections"]: every section of cfg.sections, in order."""
-    from spot_fast.bench.runner import TORCH_DEFAULT_THREADS, _rows
     device, B = torch.device(cfg.device), cfg.batch
     options = Options(device, precisions=cfg.precisions, compile=cfg.compile == "on")
     timed = [s for s in cfg.sections if s in ("stage1", "stage2", "eval", "contended", "data")]
@@ -46,7 +46,7 @@ def run_sections(cfg, model_cfg, folder: Path, peaks: dict, result: dict, log) -
                 else:
                     fast = train_rows(model_cfg, name, data.train_cache, B, options)
                 timings = measure({"reference": ref, **fast}, device, cfg.warmup, cfg.repeats)
-                result["sections"][name] = {"paths": _rows(timings, B, step_flops[name], peaks)}
+                result["sections"][name] = {"paths": speed_rows(timings, B, step_flops[name], peaks)}
                 if check:
                     result["sections"][name]["mask_check"] = check
                 del ref
