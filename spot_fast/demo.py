@@ -154,31 +154,23 @@ def cache_encoder(cfg: DemoConfig) -> EncoderConfig:
 
 def make_caches(cfg: DemoConfig, data: Path, say=print) -> tuple[Path, bool]:
     """OUT/cache/{train,val}: the features of the dataset, with the split-layer tokens stage 2
-    needs; an existing cache of the same content is reused. (The folder, whether both were reused.)"""
-    from spot_fast.cache import CacheSpec, build_cache, find_cached
-    from spot_fast.data.sources import open_source
-    from spot_fast.encoders import FrozenEncoder, resolve_weights
+    needs, built by `spot_fast.cache.build_splits`; an existing cache of the same content is
+    reused. (The folder, whether both were reused.)"""
+    from spot_fast.cache import CacheBuildConfig, CustomEncoder, build_splits
     enc = cache_encoder(cfg)
     folder = Path(cfg.out) / "cache"
-    encoder = None
-    resolved = None if cfg.weights is None else resolve_weights(enc, cfg.weights)
-    weights_id = demo_encoder_id(enc, cfg.seed) if resolved is None else resolved[1]
-    reused = True
-    for split in ("train", "val"):
-        spec = CacheSpec("synthetic", str(data), split, enc, weights_id, split_block=enc.split_block,
-                         mask_size=enc.image_size)
-        if find_cached(spec, folder / split) is not None:
-            say(f"already cached: {folder / split}")
-            continue
-        reused = False
-        if encoder is None:
-            encoder = demo_encoder(enc, cfg.seed) if resolved is None else FrozenEncoder.create(enc, resolved=resolved)
-        source = open_source("synthetic", data, split, image_size=enc.image_size, mask_size=enc.image_size)
-        result = build_cache(source, encoder, spec, folder / split, batch_size=64, num_workers=0,
-                             device=cfg.device, progress=cfg.progress)
-        say(f"cached {split}: {result.manifest['counts']['images']} images in {result.seconds:.1f}s "
-            f"-> {folder / split}")
-    return folder, reused
+    encoder = None                  # real weights: build_splits resolves and loads `cfg.weights`
+    if cfg.weights is None:
+        encoder = CustomEncoder(demo_encoder_id(enc, cfg.seed), lambda: demo_encoder(enc, cfg.seed))
+    build = CacheBuildConfig("synthetic", data, split="both", out=folder, encoder=enc, weights=cfg.weights,
+                             split_block=enc.split_block, mask_size=enc.image_size, batch_size=64,
+                             num_workers=0, device=cfg.device, progress=cfg.progress)
+    results = build_splits(build, encoder=encoder, say=say, warn=say)
+    for split, done in results.items():
+        if done.result is not None:
+            say(f"cached {split}: {done.result.manifest['counts']['images']} images in "
+                f"{done.result.seconds:.1f}s -> {done.path}")
+    return folder, all(done.result is None for done in results.values())
 
 
 # ----------------------------------------------------------------------------- 3. train

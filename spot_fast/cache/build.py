@@ -41,7 +41,7 @@ from spot_fast.cache.manifest import (BUILD_STATE, MANIFEST, SHARD_MARKERS, TAIL
                                       shard_owner, write_json_atomic)
 from spot_fast.cache.merge import merge, rounded
 from spot_fast.cache.paths import CacheSpec, check_existing, encoder_description
-from spot_fast.cache.ranks import ERRORS, Ranks, default_device, ranks_from_env
+from spot_fast.cache.ranks import ERRORS, BuildRanks, default_device, ranks_from_env
 from spot_fast.cache.writer import ShardWriter, remove_temporaries
 from spot_fast.data.base import Source
 from spot_fast.encoders import FrozenEncoder
@@ -64,7 +64,7 @@ class _Builder:
     """One build process: prepares the directory (rank 0), encodes its shards, merges (rank 0)."""
 
     def __init__(self, source: Source, encoder: FrozenEncoder, spec: CacheSpec, out: Path,
-                 ranks: Ranks, device: torch.device, batch_size: int, num_workers: int, progress: bool):
+                 ranks: BuildRanks, device: torch.device, batch_size: int, num_workers: int, progress: bool):
         self.source, self.encoder, self.spec, self.out = source, encoder, spec, out
         self.ranks, self.device = ranks, device
         self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
@@ -237,10 +237,10 @@ class _Builder:
 
 
 def _failure(step) -> BaseException | None:
-    """Run `step()`; the exception it raised (for `Ranks.sync` to share), or None."""
+    """Run `step()`; the exception it raised (for `BuildRanks.sync` to share), or None."""
     try:
         step()
-    except BaseException as e:    # noqa: BLE001 -- handed to Ranks.sync, which re-raises it
+    except BaseException as e:    # noqa: BLE001 -- handed to BuildRanks.sync, which re-raises it
         return e
     return None
 

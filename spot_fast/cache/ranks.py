@@ -3,31 +3,28 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from spot_fast.cache.manifest import CacheError
+from spot_fast.ranks import Ranks
 
 
 @dataclass
-class Ranks:
-    """This process's place among the build processes (torchrun's RANK / WORLD_SIZE).
+class BuildRanks(Ranks):
+    """The ranks of a multi-rank build, and how a failing one stops the rest.
 
     A failing rank must stop the others, not leave them at a barrier: it writes its error to
     `.build-errors/rank-R.txt` (the others poll that folder between batches and stop) and every
     rank meets at `sync`, an all-reduce of an error flag, instead of a bare barrier."""
-    rank: int = 0
-    world_size: int = 1
-    owns_group: bool = False    # we initialised torch.distributed and must tear it down
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))   # of the flag (nccl: cuda)
 
     def sync(self, out: Path, error: BaseException | None = None, share: bool = True) -> None:
         """Wait for every rank; raise `error`, or a CacheError when another rank failed. `share`
         writes the error where the other ranks read it (not before the folder is ours: prepare)."""
-        if self.world_size > 1:
+        if self.distributed:
             if error is not None and share:
                 self.report(out, error)
             flag = torch.tensor([0 if error is None else 1], device=self.device)
@@ -47,7 +44,7 @@ class Ranks:
     def failure(self, out: Path) -> str | None:
         """The error another rank reported, or None."""
         folder = out / ERRORS
-        if self.world_size == 1 or not folder.is_dir():
+        if not self.distributed or not folder.is_dir():
             return None
         for file in sorted(folder.iterdir()):
             if file.name != f"rank-{self.rank}.txt":
@@ -55,30 +52,26 @@ class Ranks:
                         f"stopped this one too: fix it and rerun the same command to resume")
         return None
 
-    def close(self) -> None:
-        if self.owns_group:
-            torch.distributed.destroy_process_group()
-
 
 ERRORS = ".build-errors"     # one file per failed rank of a multi-rank build; cleared when a build starts
 
 
-def ranks_from_env(device: torch.device) -> Ranks:
+def ranks_from_env(device: torch.device) -> BuildRanks:
     """Join the process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Ranks()
+        return BuildRanks()
     dist = torch.distributed
     if dist.is_initialized():
         nccl = dist.get_backend() == "nccl"
-        return Ranks(dist.get_rank(), dist.get_world_size(), device=device if nccl else torch.device("cpu"))
+        return BuildRanks(dist.get_rank(), dist.get_world_size(), device=device if nccl else torch.device("cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     # Long timeout: ranks wait at the final barrier while the slowest rank finishes its shards.
     dist.init_process_group(backend, timeout=timedelta(hours=48))
-    return Ranks(dist.get_rank(), dist.get_world_size(), owns_group=True,
-                 device=device if backend == "nccl" else torch.device("cpu"))
+    return BuildRanks(dist.get_rank(), dist.get_world_size(), owns_group=True,
+                      device=device if backend == "nccl" else torch.device("cpu"))
 
 
 def default_device() -> torch.device:

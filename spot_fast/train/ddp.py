@@ -6,46 +6,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from spot_fast.devices import resolve_device
+from spot_fast.ranks import Ranks
 
-
-@dataclass
-class Ranks:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def mean(self, t: torch.Tensor) -> torch.Tensor:
-        """The mean of `t` over the ranks (t itself on one rank)."""
-        if self.distributed:
-            t = t.clone()
-            dist.all_reduce(t)
-            t /= self.world_size
-        return t
-
-    def max(self, t: torch.Tensor) -> torch.Tensor:
-        """The maximum of `t` over the ranks."""
-        if self.distributed:
-            t = t.clone()
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
+__all__ = ["Ranks", "setup", "teardown", "wrap"]
 
 
 def setup(device: str | None) -> Ranks:
@@ -55,9 +23,10 @@ def setup(device: str | None) -> Ranks:
     dev = resolve_device(device, local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Ranks(rank, world, dev)
+    return Ranks(rank, world, dev, owns_group=owns)
 
 
 def wrap(model: torch.nn.Module, ranks: Ranks, compile: bool = False) -> torch.nn.Module:
@@ -70,5 +39,5 @@ def wrap(model: torch.nn.Module, ranks: Ranks, compile: bool = False) -> torch.n
 
 
 def teardown(ranks: Ranks) -> None:
-    if ranks.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group if `setup` joined it."""
+    ranks.close()
