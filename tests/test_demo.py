@@ -110,6 +110,22 @@ def test_rerun_reuses_everything_and_reports_the_times_of_the_runs_that_made_it(
     assert again.rows == result.rows
 
 
+def test_the_demo_cache_has_the_content_keys_of_its_spec(demo_run):
+    """The demo builds through cache.build_splits; its caches keep the keys of the spec written out
+    here field by field (what the demo built before it called build_splits), so old caches are reused."""
+    from spot_fast.cache import CacheSpec, find_cached
+    from spot_fast.config import preset
+    out, _, lines = demo_run
+    enc = preset("demo").encoder
+    for split in ("train", "val"):
+        spec = CacheSpec("synthetic", str(out / "data"), split, enc, "random-init:0+sincos-position-1.0",
+                         split_block=enc.split_block, mask_size=enc.image_size)
+        assert find_cached(spec, out / "cache" / split) is not None, split
+        manifest = json.loads((out / "cache" / split / "manifest.json").read_text())
+        assert manifest["counts"]["images"] == {"train": 32, "val": 6}[split]
+        assert f"cached {split}: {manifest['counts']['images']} images" in "\n".join(lines)
+
+
 def test_other_settings_in_the_same_folder_are_refused(demo_run):
     out, _, _ = demo_run
     before = (out / "data" / "demo_data.json").read_text()
