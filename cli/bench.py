@@ -25,7 +25,7 @@ def bench_command():
         from spot_fast.bench import format_table, run_bench
         cfg = BenchConfig(**values_of(flags, values),
                           sections=tuple(s.strip() for s in sections.split(",") if s.strip()))
-        cfg.validate()          # a BenchError is a UserError: the root command group reports it
+        cfg.validate(cli=True)  # a BenchError is a UserError: the root command group reports it
         result = run_bench(cfg, log=lambda msg: typer.echo(msg, err=True))
         typer.echo(format_table(result))
         if "saved" in result:

@@ -17,6 +17,7 @@ from spot_fast.bench import flops
 from spot_fast.cli.app import app
 from spot_fast.config import preset
 from spot_fast.encoders import FrozenEncoder
+from spot_fast.errors import UserError
 from spot_fast.fields import ConfigError
 from spot_fast.model import SPOT
 
@@ -196,7 +197,7 @@ def test_bench_config_rejects_bad_values_naming_the_argument():
         BenchConfig(batch=0)
     with pytest.raises(ConfigError, match="^precision must be one of auto, bf16, fp32, both, got 'fp8'$"):
         BenchConfig(precision="fp8")
-    with pytest.raises(BenchError, match="--sections must be a comma-separated subset"):
+    with pytest.raises(BenchError, match="^sections must be a non-empty tuple"):
         BenchConfig(sections=("stage1", "nope")).validate()
 
 
@@ -276,3 +277,39 @@ def test_stage2_on_a_cache_without_split_tokens_is_one_line(tmp_path):
                                    "--cache", str(tiny_caches().nosplit)])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "split" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_cache_paths_follow_the_one_rule_of_every_command(tmp_path):
+    """`--cache` as train and eval take it (spot_fast.cache.resolve_cache): a --split both folder
+    gives both splits; a cache of one split feeds the training rows; a folder missing the val
+    split is refused naming the split to build, not an option the bench does not have."""
+    from spot_fast.bench.config import bench_caches
+    both = tiny_caches().both
+    assert bench_caches(both, need_val=True) == (both / "train", both / "val")
+    assert bench_caches(both, need_val=False) == (both / "train", None)
+    assert bench_caches(both / "val", need_val=False) == (both / "val", None)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "train").symlink_to(both / "train")
+    res = CliRunner().invoke(app, ["bench", "--out", str(tmp_path / "out"), "--preset", "tiny",
+                                   "--cache", str(tmp_path / "half")])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "holds only a train cache" in res.output and "--split val" in res.output
+    assert "--train-cache" not in res.output and not (tmp_path / "out").exists()
+
+
+def test_the_python_api_names_arguments_not_flags(tmp_path):
+    both = tiny_caches().both
+    with pytest.raises(BenchError) as err:
+        BenchConfig(preset="tiny", cache=str(both / "train"), sections=("eval",)).validate()
+    assert f"cache={str(both / 'train')!r}" in str(err.value) and "'eval' out of sections" in str(err.value)
+    with pytest.raises(BenchError, match="^sections must be a non-empty tuple"):
+        BenchConfig(sections=("stage1", "nope")).validate()
+    with pytest.raises(UserError, match="^reference_repo=/nonexistent: not a checkout"):
+        BenchConfig(reference_repo="/nonexistent").validate()
+    with pytest.raises(UserError, match=r"^cache=.* with preset=\)$"):
+        BenchConfig(cache=str(both / "train"), sections=("stage1",)).validate()     # tiny cache, coco shapes
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "train").symlink_to(both / "train")
+    with pytest.raises(UserError, match=r"^cache= \S+ holds only a train cache"):
+        BenchConfig(preset="tiny", cache=str(half)).validate()

@@ -61,25 +61,28 @@ class BenchConfig:
     def __post_init__(self):
         check_fields(self)
 
-    def validate(self) -> None:
+    def validate(self, cli: bool = False) -> None:
         """Raise BenchError naming what the machine or the disk refuses: a section, CUDA, the cache,
-        the reference checkout (each field's own values are checked when the config is made)."""
+        the reference checkout (each field's own values are checked when the config is made).
+        cli: name the options as `spot-fast bench` spells them (`--sections`), else the arguments."""
         bad = [s for s in self.sections if s not in SECTIONS]
         if bad or not self.sections:
-            raise BenchError(f"--sections must be a comma-separated subset of {','.join(SECTIONS)}, got {bad or 'none'}")
+            raise BenchError(f"--sections must be a comma-separated subset of {','.join(SECTIONS)}, got {bad or 'none'}"
+                             if cli else f"sections must be a non-empty tuple of {SECTIONS}, got {self.sections!r}")
         if self.device == "cuda":
             import torch
             if not torch.cuda.is_available():
-                raise BenchError("--device cuda: no CUDA device here; use --device cpu (or auto)")
+                raise BenchError("--device cuda: no CUDA device here; use --device cpu (or auto)" if cli else
+                                 "device='cuda': no CUDA device here; use device='cpu' (or 'auto')")
         if self.cache is not None:
             from spot_fast.bench.fixtures import check_cache
-            train, val = bench_caches(self.cache, need_val="eval" in self.sections)
-            check_cache(train, preset(self.preset), split_tokens="stage2" in self.sections)
+            train, val = bench_caches(self.cache, need_val="eval" in self.sections, cli=cli)
+            check_cache(train, preset(self.preset), split_tokens="stage2" in self.sections, cli=cli)
             if val is not None:
-                check_cache(val, preset(self.preset), split_tokens=True)
+                check_cache(val, preset(self.preset), split_tokens=True, cli=cli)
         if self.reference_repo is not None:
             from spot_fast.bench.reference.client import check_repo
-            check_repo(self.reference_repo)
+            check_repo(self.reference_repo, option="--reference-repo" if cli else "reference_repo=")
 
     def resolved(self) -> "BenchConfig":
         """The defaults that depend on the machine and the preset filled in."""
@@ -99,20 +102,22 @@ class BenchConfig:
         return ("fp32", "bf16") if self.precision == "both" else (self.precision,)
 
 
-def bench_caches(path: str | Path, need_val: bool) -> tuple[Path, Path | None]:
+def bench_caches(path: str | Path, need_val: bool, cli: bool = False) -> tuple[Path, Path | None]:
     """(train cache, val cache or None) of `--cache PATH`, by `spot_fast.cache.resolve_cache`: a
     `--split both` folder gives both; a cache of one split feeds the training and data rows (a
     timing reads any split), and is refused with the bench's own fix when the eval section needs
-    a val cache."""
+    a val cache. cli: the message names options (`--cache`), else arguments (`cache=`)."""
     from spot_fast.cache import resolve_cache
     from spot_fast.cache.manifest import MANIFEST, read_manifest
     path = Path(path)
     if (path / MANIFEST).is_file():
         if need_val:
             raise BenchError(f"--cache {path}: the eval section needs a val cache (masks): pass a --split both "
-                             f"folder, or leave eval out of --sections")
+                             f"folder, or leave eval out of --sections" if cli else
+                             f"cache={str(path)!r}: the eval section needs a val cache (masks): pass a --split "
+                             f"both folder, or leave 'eval' out of sections")
         split = read_manifest(path).get("split")
-        return resolve_cache(path, split if split in ("train", "val") else "train"), None
-    if need_val:
-        return resolve_cache(path, "train", need_both=True), resolve_cache(path, "val")
-    return resolve_cache(path, "train"), None
+        return resolve_cache(path, split if split in ("train", "val") else "train", cli=cli), None
+    # val first: a folder missing one split is refused naming the split to build, not another option
+    val = resolve_cache(path, "val", cli=cli) if need_val else None
+    return resolve_cache(path, "train", cli=cli), val

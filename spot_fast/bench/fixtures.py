@@ -30,15 +30,17 @@ class BenchData:
     val_cache: Path | None      # spot-fast's val cache (masks), None when a --cache has none
 
 
-def check_cache(path: Path, cfg: SPOTConfig, split_tokens: bool = False) -> None:
+def check_cache(path: Path, cfg: SPOTConfig, split_tokens: bool = False, cli: bool = False) -> None:
     """A one-line BenchCacheError unless the cache fits the preset (geometry, width, and split
-    tokens where `split_tokens`: stage 2 and evaluation read a stage-2 model's inputs)."""
+    tokens where `split_tokens`: stage 2 and evaluation read a stage-2 model's inputs); `cli`:
+    the message names options (`--preset`), else arguments (`preset=`)."""
     from spot_fast.cache import CacheError, open_cache
     try:
         open_cache(path, expect=cfg, need_split_tokens=split_tokens, allow_random_init=True)
     except CacheError as err:
-        raise BenchCacheError(f"--cache {path}: {str(err).splitlines()[0]} (or pick the preset the cache "
-                              f"was built for with --preset)") from None
+        where, pick = (f"--cache {path}", "--preset") if cli else (f"cache={str(path)!r}", "preset=")
+        raise BenchCacheError(f"{where}: {str(err).splitlines()[0]} (or pick the preset the cache was built "
+                              f"for with {pick})") from None
 
 
 def make_data(folder: Path, cfg: SPOTConfig, batch: int, steps: int, eval_steps: int, *, mask_size: int,
