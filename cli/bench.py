@@ -21,7 +21,8 @@ def bench_command():
         ",".join(DEFAULT_SECTIONS), "--sections", help=field_help(BenchConfig, field)))
 
     def bench(sections: str, **values):
-        """Time the reference's step (its loader, ViT, serial decoding) beside spot-fast's (cache reader + fast model)."""
+        """Time the reference's step (its loader, ViT, serial decoding) beside spot-fast's (cache reader +
+        fast model)."""
         from spot_fast.bench import format_table, run_bench
         cfg = BenchConfig(**values_of(flags, values),
                           sections=tuple(s.strip() for s in sections.split(",") if s.strip()))

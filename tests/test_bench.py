@@ -313,3 +313,14 @@ def test_the_python_api_names_arguments_not_flags(tmp_path):
     (half / "train").symlink_to(both / "train")
     with pytest.raises(UserError, match=r"^cache= \S+ holds only a train cache"):
         BenchConfig(preset="tiny", cache=str(half)).validate()
+
+
+def test_every_bench_field_has_a_comment_and_a_flag():
+    """BenchConfig is the bench's one option list: each field commented (the help) and on the command line."""
+    from spot_fast.fields import field_comments
+    text = flat(CliRunner().invoke(app, ["bench", "--help"]).output)
+    comments = field_comments(BenchConfig)
+    for f in dataclasses.fields(BenchConfig):
+        assert comments.get(f.name), f"BenchConfig.{f.name} has no comment"
+        assert "--" + f.name.replace("_", "-") in text, f.name
+        assert comments[f.name].split(" (")[0][:30] in text, f.name

@@ -3,10 +3,11 @@
     from spot_fast.bench import BenchConfig, run_bench, format_table
     print(format_table(run_bench(BenchConfig(sections=("stage1",)))))
 
-reference/ (the reference code's steps, transcribed; or a checkout's own, in a worker),
-config.py (BenchConfig: the options), workloads.py (every row as one callable), fixtures.py (the data and caches the rows read),
-sections.py (what each section runs), timing.py (warm-up, sync, interleaved repeats),
-flops.py + peaks.py (MFU), contended.py (stage 1 beside busy neighbours), table.py, runner.py.
+config.py (BenchConfig: the options, each a `spot-fast bench` flag), reference/ (the reference
+code's steps, transcribed; or a checkout's own, in a worker), workloads.py (every row as one
+callable), fixtures.py (the data and caches the rows read), sections.py (what each section
+runs), timing.py (warm-up, sync, interleaved repeats), flops.py + peaks.py (MFU), contended.py
+(stage 1 beside busy neighbours), table.py, runner.py.
 """
 from spot_fast.bench.config import SECTIONS, BenchConfig, BenchError
 from spot_fast.bench.table import format_table

@@ -51,7 +51,8 @@ class BenchConfig:
     # spot-fast's transcription)
     reference_repo: str | None = None
     loader_workers: int = setting(4, min=0)     # the reference loader's workers (the reference's 4)
-    mask_size: int | None = setting(None, min=1)    # evaluation mask resolution (default: 320, the reference's, at 224 px)
+    # evaluation mask resolution (default: 320, the reference's, at 224 px; the image size below)
+    mask_size: int | None = setting(None, min=1)
     data_batches: int = setting(8, min=1)       # batches read for the data rates and the data-wait share
     sweep_variants: int = setting(4, min=2)     # section sweep: variants per grid (slot-count and lr grids)
     sweep_steps: int = setting(24, min=1)       # section sweep: optimiser steps per variant
@@ -90,7 +91,8 @@ class BenchConfig:
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
         gpu = dev.startswith("cuda")
         size = preset(self.preset).encoder.image_size
-        return replace(self, device=dev, batch=self.batch or (64 if gpu else 8), repeats=self.repeats or (10 if gpu else 3),
+        return replace(self, device=dev, batch=self.batch or (64 if gpu else 8),
+                       repeats=self.repeats or (10 if gpu else 3),
                        compile=("on" if gpu else "off") if self.compile == "auto" else self.compile,
                        precision=self.precision if self.precision != "auto" else
                        "bf16" if gpu else "both" if cpu_bf16_native() else "fp32",
