@@ -17,8 +17,11 @@ from spot_fast.bench import flops
 from spot_fast.cli.app import app
 from spot_fast.config import preset
 from spot_fast.encoders import FrozenEncoder
+from spot_fast.errors import UserError
+from spot_fast.fields import ConfigError
 from spot_fast.model import SPOT
 
+from error_checks import flat
 from train_case import tiny_caches
 
 
@@ -149,18 +152,20 @@ def test_table_names_every_row_and_missing_gpu(result):
 
 @pytest.mark.parametrize("args, message", [
     (["--sections", "stage1,nope"], "--sections"),
-    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--repeats", "0"], "'--repeats': 0 is out of range: it must be >= 1"),
     (["--precision", "fp8"], "--precision must be one of"),
-    (["--cache", "/nonexistent"], "not a feature cache"),
+    (["--cache", "/nonexistent"], "no cache at /nonexistent"),
     (["--preset", "imagenet"], "--preset must be one of"),
     (["--reference-repo", "/nonexistent"], "not a checkout of the SPOT reference repository"),
-    (["--sections", "sweep", "--sweep-variants", "1"], "--sweep-variants must be >= 2"),
-    (["--sections", "sweep", "--sweep-steps", "0"], "--sweep-steps must be >= 1"),
+    (["--sections", "sweep", "--sweep-variants", "1"], "'--sweep-variants': 1 is out of range: it must be >= 2"),
+    (["--sections", "sweep", "--sweep-steps", "0"], "'--sweep-steps': 0 is out of range: it must be >= 1"),
+    (["--data-batches", "0"], "'--data-batches': 0 is out of range: it must be >= 1"),
+    (["--device", "tpu"], "--device must be one of auto, cpu, cuda"),
 ])
 def test_bad_options_give_one_message(args, message, tmp_path):
     res = CliRunner().invoke(app, ["bench", "--out", str(tmp_path), *args])
     assert res.exit_code == 2
-    assert message in res.output and "Traceback" not in res.output
+    assert message in flat(res.output) and "Traceback" not in res.output
     assert not list(tmp_path.iterdir())        # nothing written
 
 
@@ -181,14 +186,19 @@ def test_eval_on_a_train_only_cache_names_the_fix(tmp_path):
 
 @pytest.mark.parametrize("native, expected", [(True, ("fp32", "bf16")), (False, ("fp32",))])
 def test_auto_precision_on_a_cpu_adds_bf16_only_where_native(monkeypatch, native, expected):
-    import spot_fast.bench.runner as runner
-    monkeypatch.setattr(runner, "cpu_bf16_native", lambda: native)
+    import spot_fast.bench.config as bench_config
+    monkeypatch.setattr(bench_config, "cpu_bf16_native", lambda: native)
     assert BenchConfig(device="cpu").resolved().precisions == expected
 
 
-def test_bench_config_rejects_bad_values():
-    with pytest.raises(BenchError, match="--batch must be >= 1"):
-        BenchConfig(batch=0).validate()
+def test_bench_config_rejects_bad_values_naming_the_argument():
+    """In Python the field's own check, when the config is made, names the argument (not the flag)."""
+    with pytest.raises(ConfigError, match="^batch must be >= 1, got 0$"):
+        BenchConfig(batch=0)
+    with pytest.raises(ConfigError, match="^precision must be one of auto, bf16, fp32, both, got 'fp8'$"):
+        BenchConfig(precision="fp8")
+    with pytest.raises(BenchError, match="^sections must be a non-empty tuple"):
+        BenchConfig(sections=("stage1", "nope")).validate()
 
 
 def test_results_go_to_the_current_folder_not_out_nor_the_source_tree(tmp_path, monkeypatch):
@@ -267,3 +277,50 @@ def test_stage2_on_a_cache_without_split_tokens_is_one_line(tmp_path):
                                    "--cache", str(tiny_caches().nosplit)])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "split" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_cache_paths_follow_the_one_rule_of_every_command(tmp_path):
+    """`--cache` as train and eval take it (spot_fast.cache.resolve_cache): a --split both folder
+    gives both splits; a cache of one split feeds the training rows; a folder missing the val
+    split is refused naming the split to build, not an option the bench does not have."""
+    from spot_fast.bench.config import bench_caches
+    both = tiny_caches().both
+    assert bench_caches(both, need_val=True) == (both / "train", both / "val")
+    assert bench_caches(both, need_val=False) == (both / "train", None)
+    assert bench_caches(both / "val", need_val=False) == (both / "val", None)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "train").symlink_to(both / "train")
+    res = CliRunner().invoke(app, ["bench", "--out", str(tmp_path / "out"), "--preset", "tiny",
+                                   "--cache", str(tmp_path / "half")])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "holds only a train cache" in res.output and "--split val" in res.output
+    assert "--train-cache" not in res.output and not (tmp_path / "out").exists()
+
+
+def test_the_python_api_names_arguments_not_flags(tmp_path):
+    both = tiny_caches().both
+    with pytest.raises(BenchError) as err:
+        BenchConfig(preset="tiny", cache=str(both / "train"), sections=("eval",)).validate()
+    assert f"cache={str(both / 'train')!r}" in str(err.value) and "'eval' out of sections" in str(err.value)
+    with pytest.raises(BenchError, match="^sections must be a non-empty tuple"):
+        BenchConfig(sections=("stage1", "nope")).validate()
+    with pytest.raises(UserError, match="^reference_repo=/nonexistent: not a checkout"):
+        BenchConfig(reference_repo="/nonexistent").validate()
+    with pytest.raises(UserError, match=r"^cache=.* with preset=\)$"):
+        BenchConfig(cache=str(both / "train"), sections=("stage1",)).validate()     # tiny cache, coco shapes
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "train").symlink_to(both / "train")
+    with pytest.raises(UserError, match=r"^cache= \S+ holds only a train cache"):
+        BenchConfig(preset="tiny", cache=str(half)).validate()
+
+
+def test_every_bench_field_has_a_comment_and_a_flag():
+    """BenchConfig is the bench's one option list: each field commented (the help) and on the command line."""
+    from spot_fast.fields import field_comments
+    text = flat(CliRunner().invoke(app, ["bench", "--help"]).output)
+    comments = field_comments(BenchConfig)
+    for f in dataclasses.fields(BenchConfig):
+        assert comments.get(f.name), f"BenchConfig.{f.name} has no comment"
+        assert "--" + f.name.replace("_", "-") in text, f.name
+        assert comments[f.name].split(" (")[0][:30] in text, f.name

@@ -232,3 +232,35 @@ def test_the_command_line_builds_its_options_without_loading_the_trainer():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.fixture
+def bench_spin(monkeypatch):
+    """BenchConfig with one more field (an int >= 1), as a developer would add it; `bench` is
+    built afresh from it, and the bench's run replaced by a recorder of the config it gets."""
+    import spot_fast.bench
+    import spot_fast.bench.config as bench_config
+    import spot_fast.cli.bench as cli_bench
+    new = dataclasses.make_dataclass(
+        "BenchConfig", [("spin", int, setting(3, min=1, help="busy neighbours' spin count"))],
+        bases=(bench_config.BenchConfig,))
+    monkeypatch.setattr(bench_config, "BenchConfig", new)
+    monkeypatch.setattr(cli_bench, "bench", cli_bench.bench_command())
+    seen = []
+    monkeypatch.setattr(spot_fast.bench, "run_bench", lambda cfg, log: seen.append(cfg) or {})
+    monkeypatch.setattr(spot_fast.bench, "format_table", lambda result: "table")
+    from spot_fast.cli.app import make_app
+    return make_app(), seen
+
+
+def test_a_new_bench_field_appears_in_bench_help_checked_and_from_the_flag(bench_spin, tmp_path):
+    app, seen = bench_spin
+    text = flat(invoke("bench", "--help", app=app).output)
+    assert "--spin" in text and "busy neighbours' spin count (>= 1)" in text, text
+    res = invoke("bench", "--out", tmp_path, "--spin", "0", app=app)
+    assert res.exit_code == 2 and not seen and "'--spin': 0 is out of range" in flat(res.output), res.output
+    res = invoke("bench", "--out", tmp_path, "--preset", "tiny", "--sections", "stage1,eval", "--spin", "5",
+                 "--data-batches", "2", app=app)
+    assert res.exit_code == 0, res.output
+    assert seen[0].spin == 5 and seen[0].sections == ("stage1", "eval") and seen[0].data_batches == 2
+    assert invoke("bench", "--out", tmp_path, app=app).exit_code == 0 and seen[1].spin == 3   # the field's default

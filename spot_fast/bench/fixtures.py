@@ -4,8 +4,8 @@ Without `--cache`, `make_data` writes both into a temporary folder: the COCO-for
 `spot_fast.bench.reference.data` and, from the same images through a random-init encoder of the
 preset's shape, a train cache (split tokens included, for stage 2) and a val cache (masks
 included, for evaluation), each holding enough images that no timed step waits for an epoch to
-restart. With `--cache PATH`, `resolve_cache` accepts what `train` and `eval` accept: a cache
-folder, or a `--split both` folder holding `train/` and `val/`.
+restart. With `--cache PATH`, `spot_fast.bench.config.bench_caches` reads it by the one rule of
+every command (`spot_fast.cache.resolve_cache`); `check_cache` holds each cache to the preset.
 """
 from __future__ import annotations
 
@@ -30,27 +30,17 @@ class BenchData:
     val_cache: Path | None      # spot-fast's val cache (masks), None when a --cache has none
 
 
-def resolve_cache(path: str | Path) -> tuple[Path, Path | None]:
-    """(train cache, val cache or None) of a --cache argument: a cache folder (manifest.json) or a
-    `--split both` folder (train/ and val/ caches)."""
-    path = Path(path)
-    if (path / "manifest.json").is_file():
-        return path, None
-    if (path / "train" / "manifest.json").is_file():
-        return path / "train", (path / "val") if (path / "val" / "manifest.json").is_file() else None
-    raise BenchCacheError(f"--cache {path}: not a feature cache (no manifest.json, nor train/manifest.json of a "
-                          f"--split both build); build one with `spot-fast cache ...` or leave --cache out")
-
-
-def check_cache(path: Path, cfg: SPOTConfig, split_tokens: bool = False) -> None:
+def check_cache(path: Path, cfg: SPOTConfig, split_tokens: bool = False, cli: bool = False) -> None:
     """A one-line BenchCacheError unless the cache fits the preset (geometry, width, and split
-    tokens where `split_tokens`: stage 2 and evaluation read a stage-2 model's inputs)."""
+    tokens where `split_tokens`: stage 2 and evaluation read a stage-2 model's inputs); `cli`:
+    the message names options (`--preset`), else arguments (`preset=`)."""
     from spot_fast.cache import CacheError, open_cache
     try:
         open_cache(path, expect=cfg, need_split_tokens=split_tokens, allow_random_init=True)
     except CacheError as err:
-        raise BenchCacheError(f"--cache {path}: {str(err).splitlines()[0]} (or pick the preset the cache "
-                              f"was built for with --preset)") from None
+        where, pick = (f"--cache {path}", "--preset") if cli else (f"cache={str(path)!r}", "preset=")
+        raise BenchCacheError(f"{where}: {str(err).splitlines()[0]} (or pick the preset the cache was built "
+                              f"for with {pick})") from None
 
 
 def make_data(folder: Path, cfg: SPOTConfig, batch: int, steps: int, eval_steps: int, *, mask_size: int,

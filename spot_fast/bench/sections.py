@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from spot_fast.bench import flops
+from spot_fast.bench.config import bench_caches
 from spot_fast.bench.rows import TORCH_DEFAULT_THREADS, speed_rows
 from spot_fast.bench.timing import measure
 from spot_fast.bench.workloads import Options, eval_rows, reference_row, train_rows
@@ -59,8 +60,7 @@ def run_sections(cfg, model_cfg, folder: Path, peaks: dict, result: dict, log) -
                                                                     cfg.repeats, cfg.threads, TORCH_DEFAULT_THREADS)
             elif name == "sweep":
                 from spot_fast.bench.sweep import SweepBenchConfig, run_sweep_bench
-                from spot_fast.bench.fixtures import resolve_cache
-                cache = None if cfg.cache is None else str(resolve_cache(cfg.cache)[0])
+                cache = None if cfg.cache is None else str(bench_caches(cfg.cache, need_val=False)[0])
                 result["sections"]["sweep"] = run_sweep_bench(SweepBenchConfig(
                     variants=cfg.sweep_variants, preset=cfg.preset, cache=cache, batch_size=cfg.batch,
                     steps=cfg.sweep_steps, device=cfg.device))
@@ -70,11 +70,11 @@ def run_sections(cfg, model_cfg, folder: Path, peaks: dict, result: dict, log) -
 
 
 def _data(cfg, model_cfg, folder: Path, device, log):
-    from spot_fast.bench.fixtures import BenchData, make_data, resolve_cache
+    from spot_fast.bench.fixtures import BenchData, make_data
     from spot_fast.bench.reference.data import write_dataset
     steps = cfg.warmup + cfg.repeats + 1
     if cfg.cache is not None:
-        train, val = resolve_cache(cfg.cache)
+        train, val = bench_caches(cfg.cache, need_val="eval" in cfg.sections)
         size = model_cfg.encoder.image_size
         root = write_dataset(folder / "data", 16, cfg.batch * (steps + 2 * cfg.loader_workers + 2),
                              short_side=max(size, 480) if size >= 224 else size)

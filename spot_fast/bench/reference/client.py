@@ -18,12 +18,13 @@ REPO_FILES = ("spot.py", "transformer.py", "slot_attn.py", "utils_spot.py", "dat
               "models_vit.py")
 
 
-def check_repo(repo: str | Path) -> Path:
-    """The checkout's path, or a ReferenceRepoError naming what is missing and the fix."""
+def check_repo(repo: str | Path, option: str = "--reference-repo") -> Path:
+    """The checkout's path, or a ReferenceRepoError naming what is missing and the fix; `option`:
+    how the caller spells the input (`--reference-repo` on the command line, `reference_repo=`)."""
     repo = Path(repo)
     missing = [f for f in REPO_FILES if not (repo / f).is_file()]
     if missing:
-        raise ReferenceRepoError(f"--reference-repo {repo}: not a checkout of the SPOT reference repository "
+        raise ReferenceRepoError(f"{option}{'' if option.endswith('=') else ' '}{repo}: not a checkout of the SPOT reference repository "
                                  f"(no {', '.join(missing[:3])}); pass the folder holding spot.py and train_spot.py")
     return repo
 
