@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="JSON folder (default ./bench-results)")
     args = p.parse_args()
-    repo = check_repo(args.repo)
+    repo = check_repo(args.repo, option="--repo")
     sections = [s for s in args.sections.split(",") if s]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731
     with tempfile.TemporaryDirectory(prefix="reference-parity-") as tmp:

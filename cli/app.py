@@ -36,7 +36,7 @@ def version():
 def make_app() -> typer.Typer:
     """The `spot-fast` command, built now: `train` and `sweep` take their options from the config
     dataclasses as they are at this moment."""
-    from spot_fast.cli.bench import bench
+    from spot_fast.cli.bench import bench_command
     from spot_fast.cli.cache import app as cache_app
     from spot_fast.cli.data import app as data_app
     from spot_fast.cli.demo import demo_command
@@ -50,7 +50,7 @@ def make_app() -> typer.Typer:
     app.add_typer(data_app, name="data", help="Datasets: make the synthetic one.")
     app.add_typer(cache_app, name="cache", help="Build, inspect and verify feature caches.")
     for name, command in (("train", train_command()), ("eval", evaluate), ("sweep", sweep_command()),
-                          ("bench", bench), ("demo", demo_command())):
+                          ("bench", bench_command()), ("demo", demo_command())):
         app.command(name, cls=Command)(command)
     return app
 

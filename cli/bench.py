@@ -32,6 +32,3 @@ def bench_command():
         if "saved" in result:
             typer.echo(f"saved {result['saved']}")
     return command(bench, flags, head=[sections])
-
-
-bench = bench_command()

@@ -240,12 +240,10 @@ def bench_spin(monkeypatch):
     built afresh from it, and the bench's run replaced by a recorder of the config it gets."""
     import spot_fast.bench
     import spot_fast.bench.config as bench_config
-    import spot_fast.cli.bench as cli_bench
     new = dataclasses.make_dataclass(
         "BenchConfig", [("spin", int, setting(3, min=1, help="busy neighbours' spin count"))],
         bases=(bench_config.BenchConfig,))
     monkeypatch.setattr(bench_config, "BenchConfig", new)
-    monkeypatch.setattr(cli_bench, "bench", cli_bench.bench_command())
     seen = []
     monkeypatch.setattr(spot_fast.bench, "run_bench", lambda cfg, log: seen.append(cfg) or {})
     monkeypatch.setattr(spot_fast.bench, "format_table", lambda result: "table")
