@@ -30,7 +30,7 @@ from spot_fast.evaluate import MASK_KINDS
 from spot_fast.io import write_json_atomic
 from spot_fast.metrics import METRIC_NAMES
 from spot_fast.runs import step_checkpoints
-from spot_fast.sweep.grid import GridError, Variant, check_distinct, expand, resolve
+from spot_fast.sweep.grid import GridError, Variant, expand, resolve_variants
 from spot_fast.sweep.memory import GIB, HEADROOM, check_fits, free_bytes, how_many_fit, sweep_bytes, variant_memory
 from spot_fast.sweep.report import write_sweep_summary
 from spot_fast.sweep.stacked import StackedSPOT, stack_key
@@ -84,10 +84,8 @@ def variant_configs(scfg: SweepConfig) -> list[tuple[Variant, TrainConfig, SPOTC
     except CacheError as e:
         raise TrainError(str(e)) from None
     base = model_config(t, manifest)
-    resolved = [(v, resolve(base, v)) for v in variants]
-    check_distinct(resolved)
     out = []
-    for v, cfg in resolved:
+    for v, cfg in resolve_variants(base, variants):
         teacher = str(Path(scfg.teachers) / v.name) if scfg.teachers else t.teacher
         if scfg.teachers and not Path(teacher).exists():
             raise TrainError(f"--teachers {scfg.teachers}: no run {v.name!r} in it for the variant of that name; "
