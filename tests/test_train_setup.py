@@ -30,6 +30,9 @@ def test_train_cache_of_one_split_is_named_by_its_own_option(tmp_path):
     res = cli("train", "--cache", train_only, *TINY, "--out", tmp_path / "r")
     assert_user_error(res, f"--cache {train_only} is a train cache on its own", f"--train-cache {train_only}")
     assert not (tmp_path / "r").exists()
+    res = cli("sweep", "--cache", train_only, *TINY, "--out", tmp_path / "s", "--plan", "--grid",
+              "slot_attention.num_slots=2,3")                           # the sweep opens its cache by the same rule
+    assert_user_error(res, f"--train-cache {train_only}")
     with pytest.raises(TrainError, match=f"pass it as train_cache= {train_only}"):     # Python: argument names
         Trainer(tiny_config(tmp_path / "r", cache=str(train_only)))
     half = tmp_path / "half"                                                 # a --split both folder lacking val/

@@ -39,6 +39,7 @@ from spot_fast.train import ddp
 from spot_fast.train.config import RESUME_FREE, TrainConfig, TrainError, config_diff, model_config
 from spot_fast.train.loop import Trainer
 from spot_fast.train.folder import train_command
+from spot_fast.train.setup import cache_paths
 
 SWEEP_FILE = "sweep.json"
 RANK_COLUMNS = (*(f"{kind}.{m}" for kind in MASK_KINDS for m in METRIC_NAMES), "train.loss", "train.mse",
@@ -78,9 +79,8 @@ def variant_configs(scfg: SweepConfig) -> list[tuple[Variant, TrainConfig, SPOTC
     variants = expand(scfg.grid, scfg.variants_file)
     if t.lr is not None and any("optim.lr" in v.overrides for v in variants):
         raise GridError("--lr fixes every variant's optim.lr: drop --lr to vary optim.lr")
-    path = Path(t.train_cache) if t.train_cache else Path(t.cache) / "train"
     try:
-        manifest = Cache(path).manifest
+        manifest = Cache(cache_paths(t)[0]).manifest          # --cache: resolve_cache's one rule, as train
     except CacheError as e:
         raise TrainError(str(e)) from None
     base = model_config(t, manifest)
