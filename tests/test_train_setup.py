@@ -109,3 +109,15 @@ def test_images_that_cannot_be_decoded_are_skipped_said_and_recorded(tmp_path):
     assert recorded["train_samples"] == 6
     assert sorted(Path(s["path"]).name for s in recorded["skipped_images"]) == ["broken.jpg", "notes.png"]
     assert all(s["reason"] for s in recorded["skipped_images"])
+
+
+def test_stage_2_advice_without_a_runnable_command_still_names_what_to_add(tmp_path):
+    from spot_fast.train.config import TrainConfig
+    from spot_fast.train.setup import no_split_tokens
+    manifest = json.loads((tiny_caches().nosplit / "manifest.json").read_text())
+    manifest["weights"] = "3f" * 32                   # a weights file: only its sha256 is recorded, not its path
+    path = tmp_path / "c" / "train"
+    for tcfg, use in ((TrainConfig(cache=str(tmp_path / "c")), f"cache='{tmp_path / 'c'}.split2'"),
+                      (TrainConfig(train_cache=str(path)), f"train_cache='{path}.split2'")):
+        message = str(no_split_tokens(tcfg, manifest, path, 2))
+        assert "`" not in message and "--split-block 2 --out" in message and message.endswith(use), message

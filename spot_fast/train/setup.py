@@ -56,8 +56,8 @@ def no_split_tokens(tcfg: TrainConfig, manifest: dict, path: Path, split_block: 
         out, split = Path(f"{path}.split{split_block}"), manifest["split"]
         use = arg("train_cache", str(out))
     command = cache_command(manifest, out, preset=tcfg.preset, split=split, split_block=split_block)
-    how = (f"`{command}`" if command else f"the `spot-fast cache` options that built it plus --split {split} "
-           f"--split-block {split_block} --out {out}")
+    how = (f"`{command}`" if command else f"the cache command that built it (its encoder weights are not recorded "
+           f"by path), adding --split {split} --split-block {split_block} --out {out}")
     return TrainError(f"cache {path} holds no split-layer tokens, which stage 2 trains from: rebuild it with "
                       f"{how} and train with {use}")
 
