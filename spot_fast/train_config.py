@@ -194,7 +194,7 @@ def check_distinct_variants(configs: list[tuple[str, SPOTConfig]]) -> None:
     for name, cfg in configs:
         key = repr(cfg.to_dict())
         if key in seen:
-            raise TrainError(f"variants {seen[key]} and {name} are the same config (their values are equal once "
+            raise TrainError(f"variants {seen[key]!r} and {name!r} are the same config (their values are equal once "
                              f"parsed): drop one of them")
         seen[key] = name
 

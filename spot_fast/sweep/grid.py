@@ -68,7 +68,7 @@ def resolve_variants(base: SPOTConfig, variants: list[Variant]) -> list[tuple[Va
     so every duplicate (a value listed twice, `03` and `3`, `1e-3` and `0.001`, a variant that repeats
     another or the base) is refused the same way, by comparing the configs the variants train."""
     resolved = [(v, resolve(base, v)) for v in variants]
-    check_distinct_variants([(repr(v.name), cfg) for v, cfg in resolved])
+    check_distinct_variants([(v.name, cfg) for v, cfg in resolved])
     names = [v.name for v in variants]      # distinct configs, one name (a name that holds a '_'): one folder
     if len(set(names)) != len(names):
         raise GridError(f"two variants are named {next(n for n in names if names.count(n) > 1)!r}: rename one")
