@@ -3,7 +3,9 @@
     setup = resolve_run(tcfg, ranks)
     setup.cfg, setup.data, setup.val_cache, setup.teacher, setup.autocast_dtype, setup.notes
 
-The data source (a local cache, streamed shards or images through the frozen encoder), the
+The data source (a local cache, `cache` taken by `resolve_cache`'s one rule and each manifest
+read once; streamed shards; or images through the frozen encoder, those that cannot be decoded
+skipped and listed), the
 model config (preset -> cache geometry -> --set -> short options; a batch and lr warm-up that fit
 a small dataset when the user left them to the preset), the stage-2 teacher and encoder tail,
 the precision (and with it TF32) and the thread count.
