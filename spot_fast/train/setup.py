@@ -5,10 +5,9 @@
 
 The data source (a local cache, `cache` taken by `resolve_cache`'s one rule and each manifest
 read once; streamed shards; or images through the frozen encoder, those that cannot be decoded
-skipped and listed), the
-model config (preset -> cache geometry -> --set -> short options; a batch and lr warm-up that fit
-a small dataset when the user left them to the preset), the stage-2 teacher and encoder tail,
-the precision (and with it TF32) and the thread count.
+skipped and listed), the model config (preset -> cache geometry -> --set -> short options; a
+batch and lr warm-up that fit a small dataset when the user left them to the preset), the
+stage-2 teacher and encoder tail, the precision (and with it TF32) and the thread count.
 """
 from __future__ import annotations
 
