@@ -32,9 +32,6 @@ def evaluate(
         raise TrainError(f"--orders must be one of {', '.join(ORDERS)}, got {orders!r}")
     check_device(device)
     configure_threads(threads)
-    if (cache / "val" / "manifest.json").is_file():
-        cache = cache / "val"
-    check_val_cache(cache)
     if out is None:
         out = (run if run.is_dir() else run.parent.parent) / "eval"
     result = evaluate_run(run, cache, orders=orders, batch_size=batch_size, out=out, num_pictures=num_pictures,
@@ -43,18 +40,3 @@ def evaluate(
         typer.echo(f"{kind:>15}: " + "  ".join(f"{k} {v:5.1f}" for k, v in result[kind].items()))
     typer.echo(f"{result['images']} images, orders {orders}; metrics, label maps and pictures in {out}")
 
-
-def check_val_cache(cache: Path) -> None:
-    """A TrainError unless `cache` is a val cache (the only kind with ground-truth masks)."""
-    from spot_fast.cache import read_manifest
-    from spot_fast.train_config import TrainError
-    if not (cache / "manifest.json").is_file():
-        return                      # the cache reader says what is there instead
-    from spot_fast.commands import cache_command
-    manifest = read_manifest(cache)
-    if manifest.get("split") != "val":
-        out = cache.parent / "val" if cache.name == "train" else cache.with_name(cache.name + "-val")
-        command = cache_command(manifest, out, split="val")
-        how = f"`{command}`" if command else "this cache's options and --split val"
-        raise TrainError(f"--cache {cache} is a {manifest.get('split')} cache (no ground-truth masks): evaluate on "
-                         f"a val cache; build one with {how}")

@@ -24,18 +24,23 @@ _STORAGE = {"format": ("--format", "zarr"), "dtype": ("--dtype", "fp16"), "compr
 
 
 def _same_encoder(preset_name: str, encoder: dict) -> bool:
+    """The preset's ViT has this geometry, the input size aside (`--image-size` sets that)."""
     enc = get_preset(preset_name).encoder
-    return all(encoder.get(k) == getattr(enc, k) for k in _GEOMETRY if k in encoder or k == "name")
+    return all(encoder.get(k) == getattr(enc, k) for k in _GEOMETRY
+               if k != "image_size" and (k in encoder or k == "name"))
 
 
 def encoder_args(encoder: dict, preset: str | None = None) -> list[str] | None:
     """Options of `spot-fast cache` that build this encoder geometry: `--preset` (the given one
-    first) for a custom ViT, `--encoder NAME --image-size N` for a named one; None if none can."""
+    first; `--image-size N` where the preset's differs) for a custom ViT, `--encoder NAME
+    --image-size N` for a named one; None if none can."""
     if encoder["name"] != "custom":
         return ["--encoder", encoder["name"], "--image-size", str(encoder["image_size"])]
     for name in ([preset] if preset in PRESETS else []) + sorted(PRESETS):
         if _same_encoder(name, encoder):
-            return ["--preset", name]
+            size = encoder["image_size"]
+            return ["--preset", name] + (["--image-size", str(size)] if size != get_preset(name).encoder.image_size
+                                         else [])
     return None
 
 

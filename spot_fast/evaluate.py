@@ -21,7 +21,7 @@ import torch
 
 from spot_fast.config import SPOTConfig
 from spot_fast.devices import resolve_device
-from spot_fast.errors import UserError
+from spot_fast.errors import UserError, arg, on_cli
 from spot_fast.io import write_atomic
 from spot_fast.metrics import MetricAccumulator, masks_to_labels
 from spot_fast.model import SPOT, SPOTOutput
@@ -143,13 +143,32 @@ def _picture_rows(batch: dict, maps: dict[str, torch.Tensor], n: int) -> list[np
     return rows
 
 
+def val_cache_path(cache: str | os.PathLike) -> Path:
+    """The val cache `cache` names: itself, or the val/ of a --split both folder. A cache of the
+    train split is refused (no ground-truth masks) with the command that builds its val cache."""
+    from spot_fast.cache import read_manifest, resolve_cache
+    from spot_fast.commands import cache_command
+    path = Path(cache)
+    if (path / "manifest.json").is_file():
+        manifest = read_manifest(path)
+        if manifest.get("split") != "val":
+            out = path.parent / "val" if path.name == "train" else path.with_name(path.name + "-val")
+            command = cache_command(manifest, out, split="val")
+            how = f"`{command}`" if command else "this cache's options and --split val"
+            raise EvaluationError(f"{arg('cache', str(path))} is a {manifest.get('split')} cache, which holds no "
+                                  f"ground-truth masks: evaluate on a val cache; build one with {how}")
+    return resolve_cache(path, "val", cli=on_cli())
+
+
 def evaluate_run(run: str | os.PathLike, cache: str | os.PathLike, *, orders="all", batch_size: int = 64,
                  out: str | os.PathLike | None = None, num_pictures: int = 8, device=None,
                  allow_random_init: bool = False) -> dict:
     """Load a run (folder or checkpoint, verified), open the val cache for its config (features of
     the encoder weights the run trained on), evaluate. A run trained on a random-init cache says so
-    in its config.json and is accepted without `allow_random_init`."""
+    in its config.json and is accepted without `allow_random_init`. `cache`: a val cache or a
+    --split both folder (`resolve_cache`'s rule)."""
     from spot_fast.cache import open_cache
+    cache = val_cache_path(cache)
     device = resolve_device(device)
     ckpt, _, config = read_run_checkpoint(run)
     recorded = (config or {}).get("data", {})

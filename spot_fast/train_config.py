@@ -187,14 +187,15 @@ def apply_overrides(cfg: SPOTConfig, overrides: dict[str, object], named: dict[s
 
 
 def check_distinct_variants(configs: list[tuple[str, SPOTConfig]]) -> None:
-    """TrainError when two variants of a sweep resolve to the same model config (`num_slots=03,3`,
-    `lr=1e-3,0.001`, a variant that repeats the base): each would train the same run twice."""
+    """TrainError when two variants of a sweep resolve to the same model config (`num_slots=5,5`,
+    `num_slots=03,3`, `lr=1e-3,0.001`, a variant that repeats another or the base): each would train
+    the same run twice. The one duplicate check of a sweep (`spot_fast.sweep.grid.resolve_variants`)."""
     seen: dict[str, str] = {}
     for name, cfg in configs:
         key = repr(cfg.to_dict())
         if key in seen:
-            raise TrainError(f"variants {seen[key]} and {name} are the same config (their values are equal once "
-                             f"parsed): list each value once")
+            raise TrainError(f"variants {seen[key]!r} and {name!r} are the same config (their values are equal once "
+                             f"parsed): drop one of them")
         seen[key] = name
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from spot_fast.config import preset
-from spot_fast.sweep.grid import GridError, Variant, expand, load_variants, resolve
+from spot_fast.train.config import TrainError
+from spot_fast.sweep.grid import GridError, Variant, expand, load_variants, resolve, resolve_variants
 
 
 def test_grid_product_names_and_resolved_configs():
@@ -35,9 +36,6 @@ def test_typed_values_none_and_bool():
     (["slots.num=5"], "unknown key 'slots.num': keys: decoder.eval_orders, decoder.kind, "),
     (["slot_attention.num_slots"], "write key=value1,value2"),
     (["slot_attention.num_slots=5,,6"], "write key=value1,value2"),
-    (["slot_attention.num_slots=5,5"], "listed twice"),
-    (["slot_attention.num_slots=03,3"], "listed twice (as the config reads them: "),
-    (["optim.lr=1e-3,0.001"], "listed twice"),
     (["slot_attention.num_slots=5,five"], "expected a value of type int"),
     (["encoder.image_size=224,448"], "the cache fixes the encoder"),
     (["optim.batch_size=32,64"], "same batches"),
@@ -113,10 +111,30 @@ def test_missing_variants_file_and_grid_clash(tmp_path):
         expand(["slot_attention.num_slots=5,6"], path)
 
 
-def test_variants_that_resolve_to_one_config_are_refused():
-    from spot_fast.sweep.grid import check_distinct
+@pytest.mark.parametrize("grid, same", [
+    (["slot_attention.num_slots=5,5"], ("num_slots=5", "num_slots=5")),
+    (["slot_attention.num_slots=03,3"], ("num_slots=03", "num_slots=3")),
+    (["optim.lr=1e-3,0.001"], ("lr=1e-3", "lr=0.001")),
+    (["slot_attention.truncate=none,bi-level", "optim.clip=0.3,3e-1"],
+     ("truncate=none_clip=0.3", "truncate=none_clip=3e-1")),
+])
+def test_grid_values_that_resolve_to_one_config_are_refused(grid, same):
+    variants = expand(grid)                 # the names are the values as typed; the configs compare parsed
+    with pytest.raises(TrainError, match=f"variants '{same[0]}' and '{same[1]}' are the same config"):
+        resolve_variants(preset("tiny"), variants)
+
+
+def test_variants_that_resolve_to_one_config_are_refused(tmp_path):
     base = preset("tiny")
     variants = [Variant("a", {"optim.lr": "1e-3"}), Variant("b", {"optim.lr": "0.001"}), Variant("c", {})]
-    with pytest.raises(GridError, match="variants 'a' and 'b' train the same config"):
-        check_distinct([(v, resolve(base, v)) for v in variants])
-    check_distinct([(v, resolve(base, v)) for v in variants[1:]])
+    with pytest.raises(TrainError, match="variants 'a' and 'b' are the same config"):
+        resolve_variants(base, variants)
+    resolved = resolve_variants(base, variants[1:])
+    assert [cfg.optim.lr for _, cfg in resolved] == [1e-3, base.optim.lr]
+    with pytest.raises(TrainError, match="variants 'b' and 'c' are the same config"):   # c repeats the base
+        resolve_variants(base, [Variant("b", {"optim.lr": str(base.optim.lr)}), Variant("c", {})])
+    path = tmp_path / "v.toml"             # named variants from a file, refused the same way
+    path.write_text("[variants.four]\nslot_attention.num_slots = 4\n[variants.also_four]\n"
+                    "slot_attention = { num_slots = 4 }\n")
+    with pytest.raises(TrainError, match="variants 'four' and 'also_four' are the same config"):
+        resolve_variants(base, expand([], path))

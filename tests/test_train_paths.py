@@ -41,7 +41,7 @@ def test_the_printed_rebuild_command_runs_and_feeds_stage_2(tmp_path):
     command = re.search(r"`(spot-fast cache [^`]*)`", message).group(1)
     res = run_cli(*cli_args(command), timeout=300)
     assert res.returncode == 0, res.stderr
-    train_cache = re.search(r"train with --train-cache (\S+)$", message).group(1)
+    train_cache = re.search(r"train with train_cache='([^']+)'$", message).group(1)   # Python: argument names
     trainer = Trainer(tiny_config(tmp_path / "s2", cache=None, train_cache=train_cache, stage=2,
                                   teacher=str(tiny_stage1_run())))
     assert trainer.cfg.stage == 2 and len(trainer.data) == 5
@@ -131,6 +131,6 @@ def test_a_split_both_cache_without_split_tokens_gets_a_command_for_both_splits(
     command = re.search(r"`(spot-fast cache [^`]*)`", message).group(1)
     res = run_cli(*cli_args(command), timeout=300)
     assert res.returncode == 0, res.stderr
-    cache = re.search(r"train with --cache (\S+)$", message).group(1)
+    cache = re.search(r"train with cache='([^']+)'$", message).group(1)
     trainer = Trainer(tiny_config(tmp_path / "s2", cache=cache, stage=2, teacher=str(tiny_stage1_run())))
     assert trainer.cfg.stage == 2 and trainer.val_cache is not None

@@ -1,6 +1,7 @@
 """A finished cache with its readers, and the fit check against a model.
 
     cache = open_cache(path, expect=cfg)                     # CacheError if it does not fit
+    cache = check_fits(Cache(path), cfg)                     # the same, the manifest read once first
     cache.train_reader(64, seed=0, epoch=e)                  # see train_reader.py
     cache.eval_reader(64)                                    # see eval_reader.py
 
@@ -49,15 +50,20 @@ def _describe(d: dict) -> str:
 
 def open_cache(path: str | os.PathLike, expect: EncoderConfig | SPOTConfig | None = None,
                need_split_tokens: bool = False, allow_random_init: bool = False) -> Cache:
-    """Open the cache at `path` and check that it fits the model `expect`.
+    """`Cache(path)` checked against the model `expect` (see `check_fits`)."""
+    return check_fits(Cache(path), expect, need_split_tokens=need_split_tokens, allow_random_init=allow_random_init)
+
+
+def check_fits(cache: Cache, expect: EncoderConfig | SPOTConfig | None = None, need_split_tokens: bool = False,
+               allow_random_init: bool = False) -> Cache:
+    """`cache` when it fits the model `expect` (its manifest as already read: nothing is read again).
 
     Raises CacheError naming both sides when the encoder name, feature width, image size, patch
     size (grid) or -- for stage 2 -- split block or depth differ, when split-layer tokens are
     needed but missing (`need_split_tokens`, implied by a stage-2 SPOTConfig), or when the cache
     was built from a random-init encoder and `allow_random_init` is False.
     """
-    cache = Cache(path)
-    m = cache.manifest
+    path, m = cache.path, cache.manifest
     if m["random_init"] and not allow_random_init:
         raise CacheError(f"cache {path} was built with a random-init encoder ({m['weights']}), for tests "
                          f"only; build it from real weights, or pass allow_random_init=True")

@@ -7,6 +7,7 @@ stream every variant shares (encoder, batch size, epochs, stage) cannot vary ins
 
     variants = expand(grid=["slot_attention.num_slots=5,6,7", "slot_attention.truncate=none,bi-level"])
     cfg = resolve(preset("coco"), variants[0])
+    resolved = resolve_variants(preset("coco"), variants)      # [(variant, config)]; refuses duplicates
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spot_fast.config import SPOTConfig
-from spot_fast.train.config import TrainError, apply_overrides, config_keys, parse_value
+from spot_fast.train.config import TrainError, apply_overrides, check_distinct_variants, config_keys, parse_value
 
 # Keys a sweep cannot vary: every variant reads the same batches from the same cache.
 FIXED_KEYS = {
@@ -54,22 +55,24 @@ def _check_key(key: str) -> None:
         raise GridError(f"unknown key {key!r}: {hint}")
 
 
-def check_distinct(resolved: list[tuple[Variant, SPOTConfig]]) -> None:
-    """GridError when two variants resolve to the same config (they would train the same run twice)."""
-    seen: dict[str, str] = {}
-    for v, cfg in resolved:
-        key = repr(cfg.to_dict())
-        if key in seen:
-            raise GridError(f"variants {seen[key]!r} and {v.name!r} train the same config: drop one of them")
-        seen[key] = v.name
-
-
 def resolve(base: SPOTConfig, variant: Variant) -> SPOTConfig:
     """`base` with the variant's overrides (the trainer's --set rules); GridError naming the variant."""
     try:
         return apply_overrides(base, variant.overrides)
     except TrainError as e:
         raise GridError(f"variant {variant.name}: {e}") from None
+
+
+def resolve_variants(base: SPOTConfig, variants: list[Variant]) -> list[tuple[Variant, SPOTConfig]]:
+    """Every variant with its resolved config: the one place a sweep's variants get their configs,
+    so every duplicate (a value listed twice, `03` and `3`, `1e-3` and `0.001`, a variant that repeats
+    another or the base) is refused the same way, by comparing the configs the variants train."""
+    resolved = [(v, resolve(base, v)) for v in variants]
+    check_distinct_variants([(v.name, cfg) for v, cfg in resolved])
+    names = [v.name for v in variants]      # distinct configs, one name (a name that holds a '_'): one folder
+    if len(set(names)) != len(names):
+        raise GridError(f"two variants are named {next(n for n in names if names.count(n) > 1)!r}: rename one")
+    return resolved
 
 
 def parse_grid(spec: str) -> tuple[str, list[str]]:
@@ -81,11 +84,10 @@ def parse_grid(spec: str) -> tuple[str, list[str]]:
         raise GridError(f"--grid {spec!r}: write key=value1,value2 (e.g. slot_attention.num_slots=5,6,7)")
     _check_key(key)
     try:
-        typed = [parse_value(key, v, config_keys()[key]) for v in items]     # "03" and "3", "1e-3" and "0.001"
+        for v in items:
+            parse_value(key, v, config_keys()[key])
     except TrainError as e:
         raise GridError(f"--grid {spec!r}: {e}") from None
-    if len(set(map(repr, typed))) != len(typed):
-        raise GridError(f"--grid {spec!r}: a value is listed twice (as the config reads them: {typed})")
     return key, items
 
 
@@ -130,7 +132,8 @@ def _short_keys(keys: list[str]) -> dict[str, str]:
 
 def expand(grid: list[str] = (), variants_file: str | Path | None = None) -> list[Variant]:
     """Every variant of the sweep: the named variants (or one unnamed) times the grid product.
-    Names: `name_key=value_key=value` with short keys; GridError on duplicates or bad names."""
+    Names: `name_key=value_key=value` with short keys; GridError on bad names or keys (duplicate
+    variants are refused by `resolve_variants`, which compares their configs)."""
     axes = [parse_grid(s) for s in grid]
     keys = [k for k, _ in axes]
     if len(set(keys)) != len(keys):
@@ -151,7 +154,4 @@ def expand(grid: list[str] = (), variants_file: str | Path | None = None) -> lis
             raise GridError(f"variant name {v.name!r}: use letters, digits and . _ = + - only")
         for key in v.overrides:
             _check_key(key)
-    names = [v.name for v in out]
-    if len(set(names)) != len(names):
-        raise GridError(f"two variants are named {next(n for n in names if names.count(n) > 1)!r}")
     return out

@@ -30,7 +30,7 @@ from spot_fast.evaluate import MASK_KINDS
 from spot_fast.io import write_json_atomic
 from spot_fast.metrics import METRIC_NAMES
 from spot_fast.runs import step_checkpoints
-from spot_fast.sweep.grid import GridError, Variant, check_distinct, expand, resolve
+from spot_fast.sweep.grid import GridError, Variant, expand, resolve_variants
 from spot_fast.sweep.memory import GIB, HEADROOM, check_fits, free_bytes, how_many_fit, sweep_bytes, variant_memory
 from spot_fast.sweep.report import write_sweep_summary
 from spot_fast.sweep.stacked import StackedSPOT, stack_key
@@ -39,6 +39,7 @@ from spot_fast.train import ddp
 from spot_fast.train.config import RESUME_FREE, TrainConfig, TrainError, config_diff, model_config
 from spot_fast.train.loop import Trainer
 from spot_fast.train.folder import train_command
+from spot_fast.train.setup import cache_paths
 
 SWEEP_FILE = "sweep.json"
 RANK_COLUMNS = (*(f"{kind}.{m}" for kind in MASK_KINDS for m in METRIC_NAMES), "train.loss", "train.mse",
@@ -78,16 +79,13 @@ def variant_configs(scfg: SweepConfig) -> list[tuple[Variant, TrainConfig, SPOTC
     variants = expand(scfg.grid, scfg.variants_file)
     if t.lr is not None and any("optim.lr" in v.overrides for v in variants):
         raise GridError("--lr fixes every variant's optim.lr: drop --lr to vary optim.lr")
-    path = Path(t.train_cache) if t.train_cache else Path(t.cache) / "train"
     try:
-        manifest = Cache(path).manifest
+        manifest = Cache(cache_paths(t)[0]).manifest          # --cache: resolve_cache's one rule, as train
     except CacheError as e:
         raise TrainError(str(e)) from None
     base = model_config(t, manifest)
-    resolved = [(v, resolve(base, v)) for v in variants]
-    check_distinct(resolved)
     out = []
-    for v, cfg in resolved:
+    for v, cfg in resolve_variants(base, variants):
         teacher = str(Path(scfg.teachers) / v.name) if scfg.teachers else t.teacher
         if scfg.teachers and not Path(teacher).exists():
             raise TrainError(f"--teachers {scfg.teachers}: no run {v.name!r} in it for the variant of that name; "

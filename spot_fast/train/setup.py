@@ -3,24 +3,27 @@
     setup = resolve_run(tcfg, ranks)
     setup.cfg, setup.data, setup.val_cache, setup.teacher, setup.autocast_dtype, setup.notes
 
-The data source (a local cache, streamed shards or images through the frozen encoder), the
-model config (preset -> cache geometry -> --set -> short options; a batch and lr warm-up that fit
-a small dataset when the user left them to the preset), the stage-2 teacher and encoder tail,
-the precision (and with it TF32) and the thread count.
+The data source (a local cache, `cache` taken by `resolve_cache`'s one rule and each manifest
+read once; streamed shards; or images through the frozen encoder, those that cannot be decoded
+skipped and listed), the model config (preset -> cache geometry -> --set -> short options; a
+batch and lr warm-up that fit a small dataset when the user left them to the preset), the
+stage-2 teacher and encoder tail, the precision (and with it TF32) and the thread count.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from spot_fast.cache import Cache, CacheError, open_cache
+from spot_fast.cache import Cache, CacheError, resolve_cache
+from spot_fast.cache.cache import check_fits
+from spot_fast.commands import cache_command
 from spot_fast.config import SPOTConfig
 from spot_fast.encoders import file_sha256
+from spot_fast.errors import arg, on_cli
 from spot_fast.model import SPOT
 from spot_fast.schedules import cosine_schedule, warmup_epochs
 from spot_fast.threads import configure_threads
@@ -42,32 +45,22 @@ class RunSetup:
     autocast_dtype: torch.dtype | None = None   # bf16 autocast, or None (fp32)
     threads: int = 1                     # torch intra-op threads set for this run
     notes: list[str] = field(default_factory=list)   # what was fitted to the data, for the intro line
-
-
-def rebuild_command(manifest: dict, out: Path, split: str, preset: str, split_block: int) -> str:
-    """The complete `spot-fast cache` command that builds the cache of `manifest` again into `out`
-    (`split`: its split, or "both"), with split tokens (real weights: the build's default, the
-    local HF / torch-hub cache's)."""
-    seed = re.match(r"random-init:(\d+)", manifest["weights"])
-    options = [f"-o {k}={v}" for k, v in sorted(manifest.get("source_options", {}).items())]
-    return " ".join([f"spot-fast cache {manifest['dataset']} --root {manifest['root']} --split {split}",
-                     f"--preset {preset} --image-size {manifest['encoder']['image_size']}",
-                     *([f"--random-init --seed {seed.group(1)}"] if seed else []), *options,
-                     f"--dtype {manifest['dtype']} --format {manifest['format']} --split-block {split_block}",
-                     f"--out {out}"])
+    skipped: str = ""                    # images that cannot be decoded, left out (`ReadableSource.summary`)
 
 
 def no_split_tokens(tcfg: TrainConfig, manifest: dict, path: Path, split_block: int) -> TrainError:
     """Stage 2 on a cache without split tokens: the command that builds one, and how to train on it."""
-    if tcfg.cache and not tcfg.train_cache and not tcfg.val_cache:     # a --split both folder: both splits
-        out = Path(f"{Path(tcfg.cache)}.split{split_block}")
-        command, use = rebuild_command(manifest, out, "both", tcfg.preset, split_block), f"--cache {out}"
+    if tcfg.cache and path.parent == Path(tcfg.cache):       # a --split both folder: rebuild both splits
+        out, split = Path(f"{Path(tcfg.cache)}.split{split_block}"), "both"
+        use = arg("cache", str(out))
     else:
-        out = Path(f"{path}.split{split_block}")
-        command = rebuild_command(manifest, out, manifest["split"], tcfg.preset, split_block)
-        use = f"--train-cache {out}"
+        out, split = Path(f"{path}.split{split_block}"), manifest["split"]
+        use = arg("train_cache", str(out))
+    command = cache_command(manifest, out, preset=tcfg.preset, split=split, split_block=split_block)
+    how = (f"`{command}`" if command else f"the cache command that built it (its encoder weights are not recorded "
+           f"by path), adding --split {split} --split-block {split_block} --out {out}")
     return TrainError(f"cache {path} holds no split-layer tokens, which stage 2 trains from: rebuild it with "
-                      f"`{command}` and train with {use}")
+                      f"{how} and train with {use}")
 
 
 def encoder_as_cached(cfg: SPOTConfig, manifest: dict) -> SPOTConfig:
@@ -106,20 +99,29 @@ def fit_small_data(tcfg: TrainConfig, cfg: SPOTConfig, samples: int, world_size:
     return dataclasses.replace(cfg, optim=o), notes
 
 
+def cache_paths(tcfg: TrainConfig) -> tuple[Path, Path | None]:
+    """The train cache and the val cache (None: none given) of a cache run. `cache` follows
+    `resolve_cache`'s one rule: a --split both folder; a cache of one split is named by its own option."""
+    if tcfg.cache is None:
+        return Path(tcfg.train_cache), Path(tcfg.val_cache) if tcfg.val_cache else None
+    need_both = tcfg.val_cache is None
+    train = resolve_cache(tcfg.cache, "train", need_both=need_both, cli=on_cli())
+    return train, resolve_cache(tcfg.cache, "val", cli=on_cli()) if need_both else Path(tcfg.val_cache)
+
+
 def open_cache_data(tcfg: TrainConfig, ranks: Ranks) -> RunSetup:
     """Model config, batches and val cache of a cache (or streamed) run; the manifest read once."""
-    path = Path(tcfg.train_cache) if tcfg.train_cache else Path(tcfg.cache) / "train"
-    val_path = Path(tcfg.val_cache) if tcfg.val_cache else (Path(tcfg.cache) / "val" if tcfg.cache else None)
     try:
+        path, val_path = cache_paths(tcfg)
         cache = Cache(path)
         cfg = encoder_as_cached(model_config(tcfg, cache.manifest), cache.manifest)
         if cfg.stage == 2 and not cache.has_split_tokens:
             raise no_split_tokens(tcfg, cache.manifest, path, cfg.encoder.split_block)
         cfg, notes = fit_small_data(tcfg, cfg, cache.num_images, ranks.world_size)
-        cache = open_cache(path, expect=cfg, allow_random_init=tcfg.allow_random_init)
+        check_fits(cache, cfg, allow_random_init=tcfg.allow_random_init)
         val = None
-        if val_path is not None and (tcfg.val_cache or val_path.exists()):
-            val = open_cache(val_path, expect=cfg, allow_random_init=tcfg.allow_random_init)
+        if val_path is not None:
+            val = check_fits(Cache(val_path), cfg, allow_random_init=tcfg.allow_random_init)
             if not val.has_masks:
                 raise TrainError(f"val cache {val_path} holds no ground-truth masks (a train cache?), which the "
                                  f"evaluation after training needs: give a cache built with --split val")
@@ -154,7 +156,7 @@ def open_image_data(tcfg: TrainConfig, ranks: Ranks) -> RunSetup:
     """Model config and batches of a run on images through the frozen encoder."""
     from spot_fast.cache.paths import encoder_description
     from spot_fast.data.base import DatasetError
-    from spot_fast.data.sources import open_source
+    from spot_fast.data.sources import ReadableSource, open_source
     from spot_fast.encoders import FrozenEncoder, WeightsNotFound
     cfg = model_config(tcfg)
     random_init = tcfg.weights == "random-init"
@@ -162,7 +164,7 @@ def open_image_data(tcfg: TrainConfig, ranks: Ranks) -> RunSetup:
         raise TrainError("--weights random-init trains on the features of an untrained ViT (tests only): "
                          "pass --allow-random-init to mean it")
     try:
-        source = open_source(tcfg.dataset, tcfg.images, "train", image_size=cfg.encoder.image_size)
+        source = ReadableSource(open_source(tcfg.dataset, tcfg.images, "train", image_size=cfg.encoder.image_size))
         encoder = FrozenEncoder.create(cfg.encoder, weights=None if random_init else tcfg.weights,
                                        random_init=random_init)
     except (DatasetError, WeightsNotFound) as e:
@@ -172,8 +174,10 @@ def open_image_data(tcfg: TrainConfig, ranks: Ranks) -> RunSetup:
     data = ImageBatches(source, encoder, cfg.optim.batch_size, seed=tcfg.seed, rank=ranks.rank,
                         world_size=ranks.world_size, drop_last=tcfg.drop_last, split_block=split, device=ranks.device)
     info = {"images": str(Path(tcfg.images).resolve()), "dataset": tcfg.dataset, "weights": encoder.weights_id,
-            "random_init": random_init, "encoder": encoder_description(cfg.encoder), "train_samples": len(source)}
-    return RunSetup(cfg, data, info, tail=encoder.tail_state(split) if split is not None else None, notes=notes)
+            "random_init": random_init, "encoder": encoder_description(cfg.encoder), "train_samples": len(source),
+            "skipped_images": [{"path": str(s["path"]), "reason": s["reason"]} for s in source.skipped]}
+    return RunSetup(cfg, data, info, tail=encoder.tail_state(split) if split is not None else None, notes=notes,
+                    skipped=source.summary())
 
 
 def resolve_run(tcfg: TrainConfig, ranks: Ranks) -> RunSetup:
@@ -226,4 +230,5 @@ def intro(setup: RunSetup, steps_per_epoch: int, world_size: int, device) -> str
             f"steps/epoch x {o.epochs} epochs, batch {o.batch_size} x {world_size} rank(s), device {device}"
             + (f"; fitted to the small dataset: {', '.join(setup.notes)}" if setup.notes else "")
             + (f"; {dropped} image(s) per epoch left out (a short last batch under --drop-last, "
-               f"or to keep the ranks' steps equal)" if dropped else ""))
+               f"or to keep the ranks' steps equal)" if dropped else "")
+            + (f"; {setup.skipped} (listed in config.json's data.skipped_images)" if setup.skipped else ""))
