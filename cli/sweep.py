@@ -80,7 +80,6 @@ def sweep_command():
 
 def check_variants(scfg) -> None:
     """Refuse variants that resolve to the same model config (`num_slots=03,3`), before anything runs."""
-    from spot_fast.sweep.grid import expand, resolve
-    from spot_fast.train_config import check_distinct_variants, model_config
-    base = model_config(scfg.train)
-    check_distinct_variants([(v.name, resolve(base, v)) for v in expand(scfg.grid, scfg.variants_file)])
+    from spot_fast.sweep.grid import expand, resolve_variants
+    from spot_fast.train_config import model_config
+    resolve_variants(model_config(scfg.train), expand(scfg.grid, scfg.variants_file))

@@ -2,6 +2,7 @@
 
     build:  build_cache(source, encoder, spec, out)      (CLI: `spot-fast cache DATASET --root ...`)
     read:   cache = open_cache(path, expect=cfg); cache.train_reader(64) / cache.eval_reader(64)
+    fit:    check_fits(Cache(path), cfg)     (open_cache without reading the manifest again)
     device: for batch in device_batches(cache.train_reader(64, dtype=None), "cuda", torch.bfloat16)
     stream: WdsReader(urls, 64)
     check:  verify(path) -> problems
@@ -11,7 +12,7 @@
             FrozenTail.from_cache(cache, cfg): stage-2 targets derived on the device (tail.py)
 """
 from spot_fast.cache.build import BuildResult, build_cache, find_cached
-from spot_fast.cache.cache import Cache, open_cache
+from spot_fast.cache.cache import Cache, check_fits, open_cache
 from spot_fast.cache.device import device_batches
 from spot_fast.cache.eval_reader import EvalReader
 from spot_fast.cache.manifest import CacheError, read_manifest, verify
@@ -25,5 +26,5 @@ from spot_fast.cache.wds_reader import WdsReader
 
 __all__ = ["BuildResult", "Cache", "CacheBuildConfig", "CacheError", "CacheSpec", "CustomEncoder", "EvalReader",
            "FrozenTail", "SplitResult", "TrainReader", "WdsReader", "build_cache", "build_splits", "cache_base_dir",
-           "device_batches", "epoch_batches", "find_cached", "num_batches", "open_cache", "read_manifest",
+           "check_fits",            "device_batches", "epoch_batches", "find_cached", "num_batches", "open_cache", "read_manifest",
            "resolve_cache", "verify"]
