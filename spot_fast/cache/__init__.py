@@ -24,7 +24,7 @@ from spot_fast.cache.tail import FrozenTail
 from spot_fast.cache.train_reader import TrainReader
 from spot_fast.cache.wds_reader import WdsReader
 
-__all__ = ["BuildResult", "Cache", "CacheBuildConfig", "CacheError", "CacheSpec", "CustomEncoder", "EvalReader",
-           "FrozenTail", "SplitResult", "TrainReader", "WdsReader", "build_cache", "build_splits", "cache_base_dir",
-           "check_fits",            "device_batches", "epoch_batches", "find_cached", "num_batches", "open_cache", "read_manifest",
-           "resolve_cache", "verify"]
+__all__ = ["BuildResult", "Cache", "CacheBuildConfig", "CacheError", "CacheSpec", "CustomEncoder",
+           "EvalReader", "FrozenTail", "SplitResult", "TrainReader", "WdsReader", "build_cache",
+           "build_splits", "cache_base_dir", "check_fits", "device_batches", "epoch_batches", "find_cached",
+           "num_batches", "open_cache", "read_manifest", "resolve_cache", "verify"]

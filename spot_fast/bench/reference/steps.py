@@ -51,12 +51,14 @@ def att_matching(student: torch.Tensor, teacher_masks: torch.Tensor):
     return indices, scores
 
 
-class Stage1:
-    def __init__(self, cfg: SPOTConfig, vit_state: dict, root, batch: int, device, workers: int = 4,
-                 mask_size: int = 320):
-        self.device, self.optim = torch.device(device), cfg.optim
-        self.model = ReferenceSPOT(cfg, vit(cfg, vit_state)).to(self.device).train()
-        params = (p for p in self.model.parameters() if p.requires_grad)
+class TrainingStep:
+    """The loop body both training scripts share: next batch -> set lr -> zero_grad -> the
+    section's loss -> backward -> inf-norm clip -> Adam step."""
+    read_norm = False                   # stage 1 reads the clip's norm back (`.item()`), stage 2 does not
+
+    def start(self, cfg: SPOTConfig, model: torch.nn.Module, root, batch: int, workers: int) -> None:
+        self.optim, self.trained = cfg.optim, model
+        params = (p for p in model.parameters() if p.requires_grad)
         self.opt = torch.optim.Adam([{"params": params, "lr": cfg.optim.lr}])
         size = cfg.encoder.image_size
         self.batches = Batches(reference_loader(ReferenceCOCO(root, "train", size, size), batch, True, workers))
@@ -65,35 +67,34 @@ class Stage1:
         image = self.batches.next().to(self.device)
         self.opt.param_groups[0]["lr"] = self.optim.lr
         self.opt.zero_grad()
-        mse = self.model(image)[0]
-        mse.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.clip, "inf").item()
+        self.loss(image)[0].backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.trained.parameters(), self.optim.clip, "inf")
         self.opt.step()
-        return norm
+        return norm.item() if self.read_norm else 0.0
 
 
-class Stage2:
+class Stage1(TrainingStep):
+    read_norm = True
+
     def __init__(self, cfg: SPOTConfig, vit_state: dict, root, batch: int, device, workers: int = 4,
                  mask_size: int = 320):
-        self.device, self.optim, self.K = torch.device(device), cfg.optim, cfg.slot_attention.num_slots
+        self.device = torch.device(device)
+        self.model = ReferenceSPOT(cfg, vit(cfg, vit_state)).to(self.device).train()
+        self.start(cfg, self.model, root, batch, workers)
+
+    def loss(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.model(image)[:1]
+
+
+class Stage2(TrainingStep):
+    def __init__(self, cfg: SPOTConfig, vit_state: dict, root, batch: int, device, workers: int = 4,
+                 mask_size: int = 320):
+        self.device, self.K = torch.device(device), cfg.slot_attention.num_slots
         frozen = vit(cfg, vit_state)
         fine_tuned = copy.deepcopy(frozen).train()
         self.student = ReferenceSPOT(stage2(cfg), fine_tuned, frozen, cfg.encoder.split_block).to(self.device).train()
         self.teacher = ReferenceSPOT(teacher(cfg), frozen).to(self.device).eval().requires_grad_(False)
-        params = (p for p in self.student.parameters() if p.requires_grad)
-        self.opt = torch.optim.Adam([{"params": params, "lr": cfg.optim.lr}])
-        size = cfg.encoder.image_size
-        self.batches = Batches(reference_loader(ReferenceCOCO(root, "train", size, size), batch, True, workers))
-
-    def __call__(self) -> float:
-        image = self.batches.next().to(self.device)
-        self.opt.param_groups[0]["lr"] = self.optim.lr
-        self.opt.zero_grad()
-        total = self.loss(image)[0]
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.optim.clip, "inf")
-        self.opt.step()
-        return 0.0
+        self.start(cfg, self.student, root, batch, workers)
 
     def loss(self, image: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """(total, mse, ce) of the batch; `noise`: the teacher's slot draw (tests)."""
