@@ -49,10 +49,14 @@ class ErrorReportingGroup(Group):
         try:
             with speaking_cli():        # messages name the command's options, not Python arguments
                 return super().invoke(ctx)
-        except KeyboardInterrupt:
-            hint = ctx.meta.get(_HINT_KEY, "nothing was finished")
-            hint = hint() if callable(hint) else hint
-            typer.secho(f"interrupted; {hint}", fg="yellow", err=True)
+        except KeyboardInterrupt as stop:
+            from spot_fast.errors import Interrupted
+            if isinstance(stop, Interrupted):       # the work said what it kept and how to continue
+                message = str(stop)
+            else:
+                hint = ctx.meta.get(_HINT_KEY, "nothing was finished")
+                message = f"interrupted; {hint() if callable(hint) else hint}"
+            typer.secho(message, fg="yellow", err=True)
             raise typer.Exit(INTERRUPTED_EXIT) from None
         except expected_errors() as err:
             if ctx.params.get("debug") or os.environ.get(DEBUG_ENV, "") not in ("", "0"):

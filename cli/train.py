@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import inspect
 import os
-from pathlib import Path
 
 import typer
 
 from spot_fast.cli.errors import on_interrupt
 from spot_fast.cli.options import command
-from spot_fast.cli.train_options import SET, command_line, flag_errors, model_flags, run_flags, train_config
+from spot_fast.cli.train_options import SET, flag_errors, model_flags, run_flags, train_config
 
 
 def first_rank() -> bool:
@@ -35,7 +34,7 @@ def train_command():
         cfg = train_config(flags, values, set_)
         with flag_errors(flags, values, set_):
             cfg.validate()
-        on_interrupt(ctx, lambda: kept(cfg, command_line(flags, cfg, f"spot-fast {ctx.info_name}")))
+        on_interrupt(ctx, f"the run had not started: {cfg.out} holds what it held before")
         if cfg.threads is not None:     # the trainer applies the thread policy to None
             configure_threads(cfg.threads)
         run = run_training(cfg)
@@ -45,13 +44,3 @@ def train_command():
 
 
 CTX = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
-
-
-def kept(cfg, command: str) -> str:
-    """What an interrupted run leaves in its folder, and the command (`command`, the run's own)
-    that continues it exactly."""
-    newest = sorted(Path(cfg.out, "checkpoints").glob("step-*.pt"))
-    if not newest:
-        return f"no checkpoint was written to {cfg.out} yet"
-    resume = command if cfg.resume else f"{command} --resume"
-    return f"{cfg.out} keeps its checkpoints up to {newest[-1].name}; continue exactly with `{resume}`"

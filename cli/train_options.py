@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import shlex
 
 import typer
 
@@ -94,23 +93,3 @@ def flag_errors(flags: list[Flag], values: dict, sets: list[str]):
 SET = inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, annotation=list[str], default=typer.Option(
     [], "--set", metavar="FIELD=VALUE", rich_help_panel="Run",
     help=f"Any config field, e.g. slot_attention.num_slots=6 (repeatable; {PRECEDENCE})."))
-
-
-def command_line(flags: list[Flag], cfg: TrainConfig, command: str = "spot-fast train") -> str:
-    """The command line that gives `cfg` back exactly: each field away from its default as its flag,
-    each override as the flag that gave it (a typed value) or as `--set` (text)."""
-    args = shlex.split(command)
-    by_key = {f.key: f for f in flags}
-    for f in flags:
-        value = getattr(cfg, f.key) if "." not in f.key else None
-        if "." in f.key or value == f.default:
-            continue
-        args += [f.option] if value is True else [f"--no-{f.option[2:]}"] if value is False else [f.option, str(value)]
-    for key, value in cfg.overrides.items():
-        flag = by_key.get(key)
-        if isinstance(value, str) or flag is None:
-            args += ["--set", f"{key}={value}"]
-        else:
-            args += [flag.option] if value is True else [f"--no-{flag.option[2:]}"] if value is False \
-                else [flag.option, str(value)]
-    return shlex.join(args)

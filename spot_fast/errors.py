@@ -18,6 +18,11 @@ class UserError(Exception):
     """An error the user can fix; its message names the input and the fix."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying what the interrupted work kept and the command that continues it (the
+    `spot-fast` command prints that one line; Python callers read it from the exception)."""
+
+
 # ----------------------------------------------------------------------------- the caller's language
 
 _ON_CLI = contextvars.ContextVar("spot_fast_on_cli", default=False)

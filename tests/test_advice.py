@@ -14,6 +14,9 @@ from error_checks import cli  # noqa: E402
 
 from spot_fast.cache import read_manifest  # noqa: E402
 from spot_fast.commands import cache_command  # noqa: E402
+from spot_fast.errors import Interrupted  # noqa: E402
+from spot_fast.train.folder import interrupted_message  # noqa: E402
+from spot_fast.train_config import model_config  # noqa: E402
 from spot_fast.data.synthetic import SyntheticConfig, write_synthetic  # noqa: E402
 
 
@@ -106,22 +109,24 @@ def test_ctrl_c_in_training_says_what_is_kept_and_the_resume_command_runs_as_pri
     import spot_fast.train
     seen = []
 
-    def interrupted(cfg):
+    def interrupted(cfg):           # the trainer's own Ctrl-C, after two step checkpoints
         seen.append(cfg)
         if cfg.resume:
             return Path(cfg.out)
         (Path(cfg.out) / "checkpoints").mkdir(parents=True)
         for step in (4, 8):
             (Path(cfg.out) / "checkpoints" / f"step-{step:08d}.pt").write_bytes(b"")
-        raise KeyboardInterrupt
+        raise Interrupted(interrupted_message(Path(cfg.out), cfg, 9, 20))
     monkeypatch.setattr(spot_fast.train, "train", interrupted)
     out = tmp_path / "run"
     res = cli("train", "--cache", tmp_path / "c", "--preset", "tiny", "--allow-random-init", "--no-progress",
               "--slots", "4", "--set", "optim.clip=0.5", "--lr", "0.002", "--out", out)
     assert res.exit_code == 130, res.output
-    line = next(x for x in res.output.splitlines() if x.startswith("interrupted;"))
-    assert f"{out} keeps its checkpoints up to step-00000008.pt" in line
-    resumed = run_printed(line.split("continue exactly with `", 1)[1].rstrip("`"))
+    line = next(x for x in res.output.splitlines() if x.startswith("interrupted"))
+    assert line.startswith("interrupted at step 9: checkpoints up to step 8 of 20 are kept; continue with: "), line
+    assert sum("interrupted" in x for x in res.output.splitlines()) == 1, res.output     # said once
+    resumed = run_printed(line.split("continue with: ", 1)[1])
     assert resumed.exit_code == 0, resumed.output
-    first, again = seen
-    assert again.resume and dataclasses.replace(again, resume=False).to_dict() == first.to_dict()
+    first, again = seen             # the printed command trains the same run, resumed
+    assert again.resume and model_config(again) == model_config(first)
+    assert dataclasses.replace(again, resume=False, overrides={}) == dataclasses.replace(first, overrides={})

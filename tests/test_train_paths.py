@@ -58,9 +58,9 @@ def test_ctrl_c_says_what_was_kept_and_the_printed_command_continues_exactly(tmp
                 raise KeyboardInterrupt
             yield batch
     trainer.data.epoch = interrupted
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stop:
         trainer.fit()
-    said = capsys.readouterr().out.strip().splitlines()[-1]
+    said = str(stop.value)
     assert said.startswith("interrupted at step 7: checkpoints up to step 6 of 10 are kept; continue with: "), said
     command = said.split("continue with: ", 1)[1]
     assert command.endswith(" --resume")

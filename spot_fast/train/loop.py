@@ -30,6 +30,7 @@ import torch
 from spot_fast.cache import device_batches
 from spot_fast.evaluate import evaluate, reconstruction_loss
 from spot_fast.io import write_json_atomic
+from spot_fast.errors import Interrupted
 from spot_fast.model import SPOT
 from spot_fast.runs import CONFIG_FILE, RunError, RunLock, step_checkpoints
 from spot_fast.train import ddp, folder
@@ -261,9 +262,8 @@ class Trainer:
             while not self.done:
                 self._epoch()
             self.finish()
-        except KeyboardInterrupt:
-            self.log.say(self.interrupted())
-            raise
+        except KeyboardInterrupt as stop:
+            raise Interrupted(self.interrupted()) from stop
         finally:
             self.close()
         return self.run
