@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cache_fakes import build_tiny, tiny_spec  # noqa: E402
+from cache_fakes import FakeSource, build_tiny, tiny_encoder, tiny_spec  # noqa: E402
+from test_cache_process import assert_same_tree  # noqa: E402
 
 from spot_fast.cache import CacheError, open_cache  # noqa: E402
 from spot_fast.cache.manifest import BUILD_STATE  # noqa: E402
@@ -95,3 +96,29 @@ def test_a_vanished_file_does_not_blame_space_or_permissions(tmp_path):
     assert "vanished" in gone and "free space" not in gone and "permissions" not in gone and "shard-00001.tar" in gone
     full = write_failure(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x")), tmp_path)
     assert "free space" in full and "rerun the same command" in full
+
+
+class _KilledInWorker(FakeSource):
+    """Decoding image 7 kills the DataLoader worker that does it (as the OOM killer would)."""
+
+    def train_views(self, index: int):
+        import signal
+        import torch.utils.data
+        if index == 7 and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().train_views(index)
+
+
+def test_a_killed_decode_worker_stops_the_build_in_one_line_and_the_rerun_resumes(tmp_path):
+    from spot_fast.cache import CacheError, build_cache, verify
+    out = tmp_path / "c"
+    spec = tiny_spec("/fake/data", "train", chunk_images=4)
+    with pytest.raises(CacheError, match="an image-decoding worker stopped .*rerun the same command to resume"):
+        build_cache(_KilledInWorker(12), tiny_encoder(), spec, out, batch_size=2, num_workers=1, device="cpu",
+                    progress=False)
+    resumed = build_cache(FakeSource(12), tiny_encoder(), spec, out, batch_size=2, num_workers=1, device="cpu",
+                          progress=False)
+    assert resumed.shards_resumed >= 1 and verify(out) == []        # shards 0 (images 0..3) was kept
+    whole = build_cache(FakeSource(12), tiny_encoder(), spec, tmp_path / "whole", batch_size=2, num_workers=0,
+                        device="cpu", progress=False)
+    assert_same_tree(out, whole.path)

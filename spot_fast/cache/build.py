@@ -44,6 +44,7 @@ from spot_fast.cache.paths import CacheSpec, check_existing, encoder_description
 from spot_fast.cache.ranks import ERRORS, BuildRanks, default_device, ranks_from_env
 from spot_fast.cache.writer import ShardWriter, remove_temporaries
 from spot_fast.data.base import Source
+from spot_fast.errors import arg
 from spot_fast.encoders import FrozenEncoder
 
 # ----------------------------------------------------------------------------- the build
@@ -202,7 +203,7 @@ class _Builder:
         loader = DataLoader(SourceItems(self.source, self.spec.split), batch_sampler=batches,
                             num_workers=self.num_workers, collate_fn=list_collate)
         total = sum(self.bounds[k][1] - self.bounds[k][0] for k in shards)
-        items = iter(loader)            # fork the decode workers before any thread of ours starts
+        items = decoded(iter(loader))   # fork the decode workers before any thread of ours starts
         writer = ShardWriter(self)
         bar = BuildProgress(total, enabled=self.progress and self.ranks.rank == 0,
                         label=f"rank 0/{self.ranks.world_size}" if self.ranks.world_size > 1 else "encoding")
@@ -234,6 +235,19 @@ class _Builder:
             writer.stop()
 
     # -- merging --------------------------------------------------------------------------
+
+
+def decoded(items):
+    """The decode workers' batches; a worker that died (killed, out of memory) stops the build with
+    one line: the shards finished so far are kept and the same command resumes."""
+    try:
+        yield from items
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise CacheError(f"an image-decoding worker stopped ({e}); the finished shards are kept: rerun the same "
+                         f"command to resume (with {arg('num_workers', 0)} the images are decoded in this "
+                         f"process)") from None
 
 
 def _failure(step) -> BaseException | None:
