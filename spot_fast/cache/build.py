@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -203,7 +205,7 @@ class _Builder:
         loader = DataLoader(SourceItems(self.source, self.spec.split), batch_sampler=batches,
                             num_workers=self.num_workers, collate_fn=list_collate)
         total = sum(self.bounds[k][1] - self.bounds[k][0] for k in shards)
-        items = decoded(iter(loader))   # fork the decode workers before any thread of ours starts
+        items = decoded(loader)         # fork the decode workers before any thread of ours starts
         writer = ShardWriter(self)
         bar = BuildProgress(total, enabled=self.progress and self.ranks.rank == 0,
                         label=f"rank 0/{self.ranks.world_size}" if self.ranks.world_size > 1 else "encoding")
@@ -237,17 +239,29 @@ class _Builder:
     # -- merging --------------------------------------------------------------------------
 
 
-def decoded(items):
-    """The decode workers' batches; a worker that died (killed, out of memory) stops the build with
-    one line: the shards finished so far are kept and the same command resumes."""
+def decoded(loader: DataLoader):
+    """The decode workers' batches (the workers start here). A worker that died (killed, out of
+    memory) stops the build with one line where the batches are read: the shards finished so far
+    are kept and the same command resumes. torch's own SIGCHLD handler, which would raise the same
+    news wherever the main thread happens to be (in the writer's join, in a cleanup), is put back
+    to what it was: the loader then finds the dead worker itself, in `next`."""
+    in_main = threading.current_thread() is threading.main_thread() and loader.num_workers > 0
+    previous = signal.getsignal(signal.SIGCHLD) if in_main else None
+    items = iter(loader)
+    if in_main:
+        signal.signal(signal.SIGCHLD, previous)
+    return _reported(items)
+
+
+def _reported(items):
     try:
         yield from items
-    except RuntimeError as e:
-        if "DataLoader worker" not in str(e):
+    except (RuntimeError, EOFError, ConnectionError) as e:
+        if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
             raise
-        raise CacheError(f"an image-decoding worker stopped ({e}); the finished shards are kept: rerun the same "
-                         f"command to resume (with {arg('num_workers', 0)} the images are decoded in this "
-                         f"process)") from None
+        raise CacheError(f"an image-decoding worker stopped ({e or type(e).__name__}); the finished shards are "
+                         f"kept: rerun the same command to resume (with {arg('num_workers', 0)} the images are "
+                         f"decoded in this process)") from None
 
 
 def _failure(step) -> BaseException | None:
