@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spot_fast.cache.device import device_batches
 from spot_fast.config import SPOTConfig
 from spot_fast.devices import resolve_device
 from spot_fast.errors import UserError, arg, on_cli
@@ -54,8 +55,10 @@ def run_model(model: SPOT, batch: dict, orders, generator: torch.Generator | Non
     return model(features, orders=orders, noise=noise, masks_only=masks_only)
 
 
-def _device_batch(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def _val_batches(cache, batch_size: int, stage2: bool, device):
+    """The val cache's batches on `device`: tokens travel as stored (8-bit with their scales) and are
+    cast, or dequantised, to float32 there (`device_batches`)."""
+    return device_batches(cache.eval_reader(batch_size, split_tokens=stage2, dtype=None), device)
 
 
 @torch.no_grad()
@@ -66,9 +69,9 @@ def reconstruction_loss(model: SPOT, cache, batch_size: int = 64, seed: int = 0,
     device = next(model.parameters()).device
     g = torch.Generator(device).manual_seed(seed)
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
-    for batch in cache.eval_reader(batch_size, split_tokens=model.cfg.stage == 2):
+    for batch in _val_batches(cache, batch_size, model.cfg.stage == 2, device):
         b = batch["features"].shape[0]
-        total += run_model(model, _device_batch(batch, device), orders, g).loss.double() * b
+        total += run_model(model, batch, orders, g).loss.double() * b
         count += b
     model.train(was_training)
     return float(total / max(count, 1))
@@ -90,8 +93,7 @@ def evaluate(model: SPOT, cache, *, orders="all", batch_size: int = 64, out: str
     labels: dict[str, list] = {k: [] for k in MASK_KINDS}
     index, pictures = [], []
     label_dtype = torch.uint8 if model.cfg.slot_attention.num_slots <= 256 else torch.int16
-    for batch in cache.eval_reader(batch_size, split_tokens=model.cfg.stage == 2):
-        batch = _device_batch(batch, device)
+    for batch in _val_batches(cache, batch_size, model.cfg.stage == 2, device):
         o = run_model(model, batch, orders, g, masks_only=True)       # metrics need no reconstruction
         maps = {"decoder": masks_to_labels(o.dec_masks.float(), size),
                 "slot_attention": masks_to_labels(o.sa_masks.float(), size)}       # (B, M, M)

@@ -11,7 +11,10 @@ demo's training under a load of 4-6 on 2 cores, against 1 thread). So the policy
 - the cores this process may use: its CPU affinity, and the cgroup CPU quota where one is set;
 - the reader's copy threads, which want cores of their own;
 - the work of one step: below `SMALL_WORK` (elements of the widest activation) one thread is
-  fastest whatever the load.
+  fastest whatever the load;
+- the cores other processes keep busy when the command starts (`busy_cores`: the kernel's count
+  of runnable tasks, the least of a few looks, less this process): threads beyond the idle cores
+  would share a core with a neighbour and stall every parallel region waiting for it.
 OpenMP's waiting threads sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE`, set by the CLI
 before torch loads), so an idle thread does not take a core from a neighbour.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 # Below this many elements in a step's largest activation (tokens x width), one thread wins
@@ -58,14 +62,31 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
+def busy_cores(stat: Path = Path("/proc/stat"), looks: int = 5, gap_s: float = 0.01) -> int:
+    """Cores that other processes keep busy now: the machine's runnable tasks (`procs_running`, which
+    counts this process too), the least of `looks` looks `gap_s` apart (a passing burst is not a
+    neighbour), less one. 0 where /proc/stat cannot be read."""
+    counts = []
+    for i in range(looks):
+        try:
+            line = next(x for x in stat.read_text().splitlines() if x.startswith("procs_running"))
+            counts.append(int(line.split()[1]))
+        except (OSError, StopIteration, ValueError, IndexError):
+            return 0
+        if i + 1 < looks:
+            time.sleep(gap_s)
+    return max(0, min(counts) - 1)
+
+
 def choose_threads(requested: int | None = None, work: int | None = None, reader_threads: int = 0) -> int:
-    """The policy: `requested` when given; else the usable cores less the reader's threads, and 1
-    for work below SMALL_WORK."""
+    """The policy: `requested` when given; else 1 for work below SMALL_WORK; else the usable cores
+    less the reader's threads, and no more than the machine's idle cores."""
     if requested is not None:
         return requested
     if work is not None and work < SMALL_WORK:
         return 1
-    return max(1, usable_cores() - reader_threads)
+    idle = (os.cpu_count() or 1) - busy_cores()
+    return max(1, min(usable_cores() - reader_threads, idle))
 
 
 def configure_threads(requested: int | None = None, work: int | None = None, reader_threads: int = 0) -> int:

@@ -59,7 +59,7 @@ class TrainConfig:
     batch_size: int | None = setting(None, min=1)   # per rank; None: the preset's
     lr: float | None = setting(None, above=0)       # peak learning rate; None: the preset's
     seed: int = setting(0, min=0, max=MAX_SEED)     # data order, slot noise and patch orders are functions of it
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto (bf16 on CUDA; on a CPU bf16 only for large steps on native-bf16 CPUs: spot_fast.precision) | bf16 | fp32
     compile: bool = False               # torch.compile the model
     log_every: int = setting(50, min=1)     # steps between log lines (each syncs the host with the device)
     checkpoint_every: int = setting(0, min=0)   # steps between checkpoints (0: at the end of every epoch)

@@ -236,3 +236,60 @@ def test_stage2_batches_of_an_8bit_cache_carry_their_tail(q8, tmp_path, dtype):
         else:
             assert torch.equal(b["features"], p["features"])       # stored tokens, untouched
     assert (data.targets is None) == (dtype == "fp16")
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_reader_scales_are_the_stored_rows_over_uneven_shards_and_skipped_images(tmp_path, fmt):
+    """Every (image, view) of two epochs, batches of 3 over 9 stored images in shards of 4, 4, 2 (one
+    image skipped): the batch's bytes and scales equal the shard API's rows (scales held in memory
+    for zarr, gathered from the tars for WebDataset)."""
+    path = build_tiny(tmp_path / "c", n=10, bad=(5,), format=fmt, dtype="int8", split_block=2,
+                      chunk_images=4).path
+    cache = open_cache(path, allow_random_init=True)
+    rows = {}
+    for s in cache.shards:
+        sh = cache.read_shard(s["index"])
+        for i, row in enumerate(sh.rows.tolist()):
+            rows[row] = {n: getattr(sh, n)[i] for n in ("features", "features_scale", "split_tokens",
+                                                         "split_tokens_scale")}
+    assert len(rows) == 9 and 5 not in rows
+    seen = set()
+    for epoch in (0, 1):
+        for batch in cache.train_reader(3, epoch=epoch, drop_last=False, dtype=None):
+            for i, (row, view) in enumerate(zip(batch["index"].tolist(), batch["view"].tolist())):
+                for n, want in rows[row].items():
+                    np.testing.assert_array_equal(batch[n][i].numpy(), want[view], err_msg=f"{n} {row} {view}")
+                seen.add((epoch, row))
+    assert len(seen) == 18
+
+
+def test_cold_reads_and_reads_without_mincore_equal_warm_reads(q8, monkeypatch):
+    """Slabs whose first page is not in the page cache are advised before the copy (cold reads
+    overlap); where libc's mincore cannot be called every slab is advised. Either way the bytes
+    are the same."""
+    import os
+    from spot_fast.cache import slabs
+
+    path = q8["zarr", "int8"]
+    warm = next(iter(open_cache(path, allow_random_init=True).train_reader(6, drop_last=False, dtype=None)))
+    for f in Path(path).rglob("c/*/*/*/*"):
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    cold = next(iter(open_cache(path, allow_random_init=True).train_reader(6, drop_last=False, dtype=None)))
+    monkeypatch.setattr(slabs, "_LIBC", None)
+    plain = next(iter(open_cache(path, allow_random_init=True).train_reader(6, drop_last=False, dtype=None)))
+    for name in ("features", "features_scale", "split_tokens", "split_tokens_scale"):
+        assert torch.equal(cold[name].view(torch.uint8), warm[name].view(torch.uint8))
+        assert torch.equal(plain[name].view(torch.uint8), warm[name].view(torch.uint8))
+
+
+def test_residency_says_a_read_page_is_resident(q8):
+    from spot_fast.cache import slabs
+
+    if slabs._LIBC is None:
+        pytest.skip("no libc mincore here")
+    cache = open_cache(q8["zarr", "int8"], allow_random_init=True)
+    m = slabs.zarr_slabs(cache, "features")
+    assert int(m.maps[0][:4096].sum()) >= 0             # touch the first page
+    assert m.resident(0, 0)

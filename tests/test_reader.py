@@ -76,9 +76,15 @@ def test_every_image_once_per_epoch_and_true_length(caches, layout, batch, world
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_values_are_the_stored_slabs(caches, layout):
+@pytest.mark.parametrize("slab_path", ["gather", "per-slab"])
+def test_values_are_the_stored_slabs(caches, layout, slab_path, monkeypatch):
     """Every (image, view) the fast path yields equals what zarr.open / webdataset decode, in the stored
-    dtype (dtype=None) and converted to float32; split tokens too; image ids match the rows."""
+    dtype (dtype=None) and converted to float32; split tokens too; image ids match the rows. The
+    tiny preset's slabs (1 KB) are gathered; `per-slab` takes the path of real slabs (>= 4 KB: a
+    residency check, advice, one copy per slab)."""
+    from spot_fast.cache import slabs
+    if slab_path == "per-slab":
+        monkeypatch.setattr(slabs, "SMALL_SLAB", 0)
     path = caches[layout]
     cache, ref = open_cache(path, allow_random_init=True), Reference(path)
     ids = dict(zip(cache.samples.rows.tolist(), cache.samples.image_ids))
@@ -211,3 +217,36 @@ def test_wds_stream_views_use_the_epoch_being_iterated(caches):
     r.set_epoch(5)
     got = sorted((i, v) for b in it for i, v in zip(b["index"].tolist(), b["view"].tolist()))
     assert got == want and {v for _, v in want} == {0, 1}
+
+
+def test_every_batch_is_advised_once_before_it_is_copied(caches, monkeypatch):
+    """Cold reads overlap: the first ADVISE_AHEAD batches advise themselves, batch j advises batch
+    j + ADVISE_AHEAD before its own copy; so every batch's slabs are advised once, before their copy."""
+    from spot_fast.cache import slabs, train_reader
+    monkeypatch.setattr(slabs, "SMALL_SLAB", 0)
+    events = []
+    real_advise, real_fill = slabs.MappedSlabs.advise, slabs.MappedSlabs.fill
+
+    def advise(self, samples, views):
+        if self.name == "features":
+            events.append(("advise", tuple(samples.tolist())))
+        return real_advise(self, samples, views)
+
+    def fill(self, out, samples, views, advise=True):
+        real_fill(self, out, samples, views, advise)          # (its own advice, when asked, comes first)
+        if self.name == "features":
+            events.append(("copy", tuple(samples.tolist())))
+    monkeypatch.setattr(slabs.MappedSlabs, "advise", advise)
+    monkeypatch.setattr(slabs.MappedSlabs, "fill", fill)
+    cache = open_cache(caches["zarr-20-4"], allow_random_init=True)
+    reader = cache.train_reader(2, seed=0, epoch=0, drop_last=False, split_tokens=False, workers=1, prefetch=1)
+    for s in reader.slabs.values():
+        s.name = "features"
+    batches = [tuple(b["index"].tolist()) for b in reader]
+    assert len(batches) > train_reader.ADVISE_AHEAD + 2
+    rows = cache.samples.rows
+    advised = [e[1] for e in events if e[0] == "advise"]
+    assert sorted(advised) == sorted(e[1] for e in events if e[0] == "copy")          # each batch once
+    for s in {e[1] for e in events}:
+        assert events.index(("advise", s)) < events.index(("copy", s))
+    assert [tuple(rows[list(e[1])].tolist()) for e in events if e[0] == "copy"] == batches

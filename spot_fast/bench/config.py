@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from spot_fast.bench.peaks import cpu_bf16_native
+from spot_fast.precision import cpu_bf16_native
 from spot_fast.config import PRESETS, preset
 from spot_fast.errors import UserError
 from spot_fast.fields import check_fields, setting

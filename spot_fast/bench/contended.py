@@ -50,18 +50,29 @@ def contended_section(row, cfg, batch: int, device: torch.device, warmup: int, r
                       threads: int | None, default_threads: int) -> dict:
     """{setting: {threads, quiet_img_s, contended_img_s, contended_share}} for the thread policy (or
     --threads) and torch's default: the fast stage-1 `row` timed quiet and beside a neighbour on
-    every usable core, in ROUNDS alternating blocks of `repeats` steps (medians over the blocks)."""
+    every usable core, in ROUNDS alternating blocks of `repeats` steps (medians over the blocks).
+    The policy chooses in each block, as a run started then would (quiet: the usable cores; busy:
+    the idle ones); `threads` records each block's choice, quiet first."""
     out = {}
-    settings = {"policy": configure_threads(threads, work=step_work(cfg, batch)), "torch default": default_threads}
-    for name, n in settings.items():
-        torch.set_num_threads(n)
-        quiet, busy = [], []
+    work = step_work(cfg, batch)
+    settings = {"policy": lambda: configure_threads(threads, work=work),
+                "torch default": lambda: _set(default_threads)}
+    for name, choose in settings.items():
+        quiet, busy, chosen = [], [], []
         for _ in range(ROUNDS):                   # quiet and busy blocks alternate: drift falls on both
+            chosen.append(choose())
             quiet += measure({"row": row}, device, warmup, repeats)["row"].seconds
             with busy_neighbours(usable_cores()):
+                chosen.append(choose())
                 busy += measure({"row": row}, device, warmup, repeats)["row"].seconds
         quiet, busy = statistics.median(quiet), statistics.median(busy)
-        out[name] = {"threads": n, "quiet_img_s": batch / quiet, "contended_img_s": batch / busy,
+        out[name] = {"threads": chosen[0] if len(set(chosen)) == 1 else chosen[:2],
+                     "quiet_img_s": batch / quiet, "contended_img_s": batch / busy,
                      "contended_share": quiet / busy}   # contended img/s over quiet img/s
-    configure_threads(threads, work=step_work(cfg, batch))
+    configure_threads(threads, work=work)
     return {"neighbours": usable_cores(), "rows": out}
+
+
+def _set(n: int) -> int:
+    torch.set_num_threads(n)
+    return n

@@ -10,10 +10,10 @@
 """
 from __future__ import annotations
 
-import functools
 import time
 
 import torch
+
 
 # Dense peaks (FLOP/s) of GPUs we know: {name fragment: {precision: peak}} (SXM parts' datasheets).
 GPU_PEAKS = {
@@ -23,28 +23,6 @@ GPU_PEAKS = {
     "L40S": {"fp32": 91.6e12, "tf32": 183e12, "bf16": 362e12},
     "A10": {"fp32": 31.2e12, "tf32": 62.5e12, "bf16": 125e12},
 }
-
-
-@functools.cache
-def cpu_flags() -> dict[str, str]:
-    """The first processor's /proc/cpuinfo fields ({} where there is none)."""
-    info: dict[str, str] = {}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if not line.strip():
-                break
-            key, _, value = line.partition(":")
-            info[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return info
-
-
-def cpu_bf16_native() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where bf16 autocast
-    pays; elsewhere oneDNN emulates it and it is slower than fp32."""
-    flags = set(cpu_flags().get("flags", "").split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def matmul_rate(dtype: torch.dtype, n: int = 1024, repeats: int = 20) -> float:

@@ -108,7 +108,7 @@ def data_section(cfg, model_cfg, data, device: torch.device) -> dict:
             t0 = time.perf_counter()
             continue
         n += len(batch["features"])
-        nbytes += sum(v.nbytes for k, v in batch.items() if k in ("features", "split_tokens"))
+        nbytes += sum(v.nbytes for k, v in batch.items() if k.startswith(("features", "split_tokens")))   # 8-bit: with the scales
         if i == cfg.data_batches:
             break
     s = time.perf_counter() - t0

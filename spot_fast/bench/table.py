@@ -37,7 +37,9 @@ def format_table(result: dict) -> str:
     if "contended" in sections:
         c = sections["contended"]
         for name, r in c["rows"].items():
-            lines.append(f"contended stage1 spot-fast, {name} ({r['threads']} threads): quiet {r['quiet_img_s']:.1f} "
+            n = r["threads"]
+            n = f"{n[0]} threads quiet, {n[1]} busy" if isinstance(n, list) else f"{n} threads"
+            lines.append(f"contended stage1 spot-fast, {name} ({n}): quiet {r['quiet_img_s']:.1f} "
                          f"img/s, beside {c['neighbours']} busy processes {r['contended_img_s']:.1f} img/s "
                          f"({100 * r['contended_share']:.0f}% of quiet)")
     if "sweep" in sections:

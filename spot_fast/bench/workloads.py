@@ -63,7 +63,8 @@ class CacheFeed:
     def _epoch(self):
         from spot_fast.cache import device_batches
         if self.val:
-            return iter(device_batches(self.cache.eval_reader(self.batch, split_tokens=self.split_tokens), self.device))
+            return iter(device_batches(self.cache.eval_reader(self.batch, split_tokens=self.split_tokens,
+                                                            dtype=None), self.device))
         return iter(device_batches(self.source.epoch(self.epoch), self.device))
 
     def next(self) -> dict:

@@ -11,6 +11,7 @@ reads them through the zarr API (the reference the fast path is tested against).
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import mmap
 
@@ -34,6 +35,8 @@ class MappedSlabs:
         self.stored = stored                     # codec name: "fp16" | "bf16" | "fp32" | "fp8" | "int8"
         self.dtype = np.dtype(STORED_NUMPY[stored])
         self.nbytes = shape[0] * shape[1] * self.dtype.itemsize
+        self.resident = Residency(maps)
+        self._items: dict[tuple[int, int], np.ndarray] = {}     # (file, itemsize) -> the map as items
 
     def start(self, s: int, v: int) -> int:
         """Byte offset of sample s, view v in its file (views of a sample are consecutive)."""
@@ -44,39 +47,96 @@ class MappedSlabs:
         start = self.start(s, v)
         return self.maps[self.file[s]][start:start + self.nbytes].view(self.dtype).reshape(self.shape)  # (L, D)
 
-    def fill(self, out: torch.Tensor, samples: np.ndarray, views: np.ndarray) -> None:
+    def advise(self, samples: np.ndarray, views: np.ndarray) -> None:
+        """Ask the kernel to start reading these slabs (MADV_WILLNEED), all at once, so cold reads
+        overlap; slabs whose first page is in the page cache are skipped (the advice walks every page)."""
+        if self.nbytes < SMALL_SLAB:
+            return
+        n = self.nbytes
+        for f, start in zip(self.file[samples].tolist(), (self.offset[samples] + views * n).tolist()):
+            page = start - start % mmap.PAGESIZE
+            if not self.resident(f, page):
+                self.mmaps[f].madvise(mmap.MADV_WILLNEED, page, start + n - page)
+
+    def fill(self, out: torch.Tensor, samples: np.ndarray, views: np.ndarray, advise: bool = True) -> None:
         """out[i] = slab(samples[i], views[i]) for i < len(samples): one copy per slab, in `out`'s dtype.
 
         Same dtype: a numpy byte copy (releases the GIL, so worker threads copy in parallel);
         otherwise torch's converting copy, still one pass. Small slabs (8-bit caches' per-token
-        scales, under a page each) are gathered by one numpy index per file instead."""
+        scales, under a page each) are gathered by one numpy index per file instead. `advise`:
+        advise the slabs first (False: the caller advised them earlier, see TrainReader)."""
         raw = _raw_numpy(out, self.stored)
         if raw is not None and self.nbytes < SMALL_SLAB:
             return self._gather(raw, samples, views)
-        pairs = list(zip(samples.tolist(), views.tolist()))
-        for s, v in pairs:           # ask the kernel for every slab at once: cold reads then overlap
-            start = self.start(s, v)
-            page = start - start % mmap.PAGESIZE
-            self.mmaps[self.file[s]].madvise(mmap.MADV_WILLNEED, page, start + self.nbytes - page)
-        for i, (s, v) in enumerate(pairs):
-            src = self.slab(s, v)
-            if raw is not None:
-                np.copyto(raw[i], src.view(raw.dtype))
-            else:
-                out[i].copy_(stored_tensor(src, self.stored))
-
+        if advise:
+            self.advise(samples, views)
+        n, files = self.nbytes, self.file[samples].tolist()
+        starts = (self.offset[samples] + views * n).tolist()
+        if raw is not None:
+            flat = raw[:len(starts)].reshape(len(starts), -1).view(np.uint8)        # (b, nbytes)
+            for i, (f, start) in enumerate(zip(files, starts)):
+                np.copyto(flat[i], self.maps[f][start:start + n])
+            return
+        for i, (s, v) in enumerate(zip(samples.tolist(), views.tolist())):
+            out[i].copy_(stored_tensor(self.slab(s, v), self.stored))
 
     def _gather(self, raw: np.ndarray, samples: np.ndarray, views: np.ndarray) -> None:
-        """raw[i] = the bytes of slab (samples[i], views[i]), by fancy indexing (one op per file)."""
+        """raw[i] = the bytes of slab (samples[i], views[i]), by fancy indexing (one op per file).
+
+        Slabs whose offsets are multiples of the item size are gathered as rows of items (4x fewer
+        indices for float32 scales than bytes)."""
         starts = self.offset[samples] + views * self.nbytes                         # (b,)
         files = self.file[samples]
-        flat = raw[:len(samples)].reshape(len(samples), -1).view(np.uint8)         # (b, nbytes)
-        span = np.arange(self.nbytes)
-        for f in np.unique(files).tolist():
-            rows = np.flatnonzero(files == f)
-            flat[rows] = self.maps[f][starts[rows, None] + span]
+        item = self.dtype.itemsize if not (starts % self.dtype.itemsize).any() else 1
+        flat = raw[:len(samples)].reshape(len(samples), -1).view(np.dtype(f"V{item}"))   # (b, nbytes / item)
+        index = starts[:, None] // item + np.arange(self.nbytes // item)           # (b, items per slab)
+        order = np.argsort(files, kind="stable")
+        cuts = np.flatnonzero(np.diff(files[order])) + 1
+        for rows in np.split(order, cuts):
+            flat[rows] = self._as_items(int(files[rows[0]]), item)[index[rows]]
+
+    def _as_items(self, f: int, item: int) -> np.ndarray:
+        """Map f viewed as items of `item` bytes (trailing bytes left out)."""
+        key = (f, item)
+        if key not in self._items:
+            m = self.maps[f]
+            self._items[key] = m[: len(m) // item * item].view(np.dtype(f"V{item}"))
+        return self._items[key]
 
 
+class Residency:
+    """Is a page of a memory map in the page cache? One `mincore` of one page (Linux, through libc),
+    far cheaper than advising a warm slab's every page. Where mincore cannot be called, every
+    page counts as absent (the slab is advised, as before)."""
+
+    def __init__(self, maps: list[mmap.mmap]):
+        self.bases = None
+        if _LIBC is not None:
+            try:
+                self.bases = [ctypes.addressof(ctypes.c_char.from_buffer(m)) for m in maps]
+            except (TypeError, ValueError, BufferError):      # a read-only or empty map: no address
+                self.bases = None
+
+    def __call__(self, f: int, page: int) -> bool:
+        if self.bases is None:
+            return False
+        vec = ctypes.c_ubyte()                  # one per call: reader threads ask at the same time
+        if _LIBC.mincore(self.bases[f] + page, 1, ctypes.byref(vec)) != 0:
+            return False
+        return bool(vec.value & 1)
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        libc.mincore.restype = ctypes.c_int
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
 SMALL_SLAB = 4096       # bytes: slabs below this are gathered (per-slab calls would cost more than the bytes)
 
 
@@ -89,7 +149,10 @@ class ZarrSlabs:
     def slab(self, s: int, v: int) -> np.ndarray:
         return np.asarray(self.array[int(self.rows[s]), v])
 
-    def fill(self, out: torch.Tensor, samples: np.ndarray, views: np.ndarray) -> None:
+    def advise(self, samples: np.ndarray, views: np.ndarray) -> None:
+        """Nothing to advise: compressed chunks are read whole, when a batch needs them."""
+
+    def fill(self, out: torch.Tensor, samples: np.ndarray, views: np.ndarray, advise: bool = True) -> None:
         rows, C = self.rows[samples], self.chunk
         block = np.empty((len(samples), *self.shape), STORED_NUMPY[self.stored])      # (b, L, D)
         for c in np.unique(rows // C).tolist():
@@ -100,6 +163,32 @@ class ZarrSlabs:
             np.copyto(raw[:len(samples)], block.view(raw.dtype))
         else:
             out[:len(samples)].copy_(stored_tensor(block, self.stored))
+
+
+class TableSlabs:
+    """Small slabs (8-bit caches' per-token scales: L float32 per slab, 1/192 of the int8 token
+    bytes) held in memory as one (S, V, L, D) table, so a batch is one fancy index instead of a
+    gather per shard file. Built once per cache and process from the mapped slabs."""
+
+    def __init__(self, mapped: MappedSlabs, views: int):
+        self.shape, self.stored = mapped.shape, mapped.stored
+        S = len(mapped.file)
+        self.table = np.empty((S, views, *mapped.shape), mapped.dtype)
+        flat = self.table.reshape(S * views, *mapped.shape)
+        samples, v = np.repeat(np.arange(S), views), np.tile(np.arange(views), S)
+        for lo in range(0, S * views, 4096):                    # bounded index arrays
+            mapped._gather(flat[lo:lo + 4096], samples[lo:lo + 4096], v[lo:lo + 4096])
+
+    def advise(self, samples: np.ndarray, views: np.ndarray) -> None:
+        """Nothing to advise: the table is in memory."""
+
+    def fill(self, out: torch.Tensor, samples: np.ndarray, views: np.ndarray, advise: bool = True) -> None:
+        raw = _raw_numpy(out, self.stored)
+        if raw is None:
+            out[:len(samples)].copy_(stored_tensor(self.table[samples, views], self.stored))
+        else:
+            np.take(self.table.reshape(-1, *self.shape), samples * self.table.shape[1] + views, axis=0,
+                    out=raw[:len(samples)])
 
 
 def _raw_numpy(out: torch.Tensor, stored: str) -> np.ndarray | None:
@@ -130,7 +219,8 @@ def zarr_slabs(cache, name: str) -> MappedSlabs | ZarrSlabs:
             raise CacheError(f"cache {cache.path}: {cache.shard_file(k, name)} holds {len(m)} bytes, an "
                              f"uncompressed chunk holds {chunk}: run `spot-fast cache verify {cache.path}` "
                              f"and rebuild the cache")
-    return MappedSlabs(maps, where, smp.pos * views * slab, (L, D), array_codec(cache, name))
+    mapped = MappedSlabs(maps, where, smp.pos * views * slab, (L, D), array_codec(cache, name))
+    return _small_in_memory(cache, name, mapped, views)
 
 
 def wds_slabs(cache, name: str) -> MappedSlabs:
@@ -147,6 +237,17 @@ def wds_slabs(cache, name: str) -> MappedSlabs:
                                              tuple(spec["shape"][1:]), array_codec(cache, name),
                                              f"shard {k}, row {row}")
     return MappedSlabs(maps, where, offset, tuple(spec["shape"][2:]), array_codec(cache, name))
+
+
+def _small_in_memory(cache, name: str, mapped: MappedSlabs, views: int) -> MappedSlabs | TableSlabs:
+    """8-bit scales as a table in memory (kept by the cache: built once per process), else the maps.
+    zarr only: its scales lie in files of their own, checked before the table is read (TrainReader);
+    a WebDataset cache's lie inside the tars, which are checked one by one as batches reach them."""
+    if not name.endswith(SCALE_SUFFIX) or mapped.nbytes >= SMALL_SLAB:
+        return mapped
+    if name not in cache.tables:
+        cache.tables[name] = TableSlabs(mapped, views)
+    return cache.tables[name]
 
 
 def _npy_data_offset(head: np.ndarray, shape: tuple[int, ...], stored: str, where: str) -> int:

@@ -54,6 +54,7 @@ class CacheStore:
         self._tars: dict[int, dict] = {}         # shard -> tar member index (wds)
         self._maps: dict[str, mmap.mmap] = {}    # relative path -> memory map
         self.ring_pool: dict[tuple, list] = {}   # free TrainReader batch buffers, reused across epochs
+        self.tables: dict[str, object] = {}      # small slabs held in memory (slabs.TableSlabs)
 
     @property
     def has_split_tokens(self) -> bool:

@@ -70,6 +70,9 @@ class TrainReader:
         self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.num_samples = len(cache.samples)
         self._check_size()
+        if check and self.quantized and cache.format == "zarr":     # the scale tables read every shard's scales
+            for k in sorted(set(cache.samples.shard.tolist())):
+                cache.check_shard(k, tuple(map(scale_name, tokens)))
         self.slabs = {n: (wds_slabs if cache.format == "wds" else zarr_slabs)(cache, n) for n in self.names}
         self._checked: set[int] = set()
 
@@ -113,16 +116,22 @@ class TrainReader:
             return t.zero_()              # fault the pages in now, not during the first batches
         return [{n: buffer(n) for n in self.names} for _ in range(self.prefetch + 2)]
 
-    def _fill(self, buf: dict[str, torch.Tensor], samples: np.ndarray, views: np.ndarray) -> dict:
-        """Batch (samples, views) copied into `buf`: the one host copy of the batch."""
+    def _fill(self, buf: dict[str, torch.Tensor], samples: np.ndarray, views: np.ndarray,
+              advised: bool = False, ahead: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+        """Batch (samples, views) copied into `buf`: the one host copy of the batch. `advised`: its
+        slabs were advised when an earlier batch was filled; `ahead`: the batch ADVISE_AHEAD later,
+        advised now (before this copy), so a cold disk reads it while this one and the next are copied."""
         if self.check:
             for k in set(self.cache.samples.shard[samples].tolist()) - self._checked:
                 self.cache.check_shard(k, self.names)
                 self._checked.add(k)
+        if ahead is not None:
+            for name in self.tokens:
+                self.slabs[name].advise(*ahead)
         b = len(samples)
         batch = {}
         for name in self.names:
-            self.slabs[name].fill(buf[name], samples, views)
+            self.slabs[name].fill(buf[name], samples, views, advise=not advised)
             batch[name] = buf[name][:b]
         if self.quantized and self.dtype is not None:       # host floats were asked for: dequantise here
             for name in self.tokens:
@@ -140,18 +149,25 @@ class TrainReader:
         ring = self._take_ring()
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="cache-read")
         pending: deque[Future] = deque()
+        def submit(j: int) -> None:
+            later = j + ADVISE_AHEAD
+            pending.append(pool.submit(self._fill, ring[j % len(ring)], *plan[j], j >= ADVISE_AHEAD,
+                                       plan[later] if later < len(plan) else None))
         try:
             for j in range(min(self.prefetch, len(plan))):
-                pending.append(pool.submit(self._fill, ring[j % len(ring)], *plan[j]))
+                submit(j)
             for i in range(len(plan)):
                 batch = pending.popleft().result()
                 ahead = i + self.prefetch           # its buffer held batch i - 2: the consumer is done with it
                 if ahead < len(plan):
-                    pending.append(pool.submit(self._fill, ring[ahead % len(ring)], *plan[ahead]))
+                    submit(ahead)
                 yield batch
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             self.cache.ring_pool[(self.batch_size, self.names, self.out_dtype, self.pin, self.prefetch)].append(ring)
+
+
+ADVISE_AHEAD = 4      # batches: batch j's worker advises batch j + 4 (a cold disk then always has reads queued)
 
 
 def _positive(**values: int) -> None:

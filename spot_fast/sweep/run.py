@@ -29,6 +29,7 @@ from spot_fast.config import SPOTConfig
 from spot_fast.evaluate import MASK_KINDS
 from spot_fast.io import write_json_atomic
 from spot_fast.metrics import METRIC_NAMES
+from spot_fast.precision import resolve_precision
 from spot_fast.runs import step_checkpoints
 from spot_fast.sweep.grid import GridError, Variant, expand, resolve_variants
 from spot_fast.sweep.memory import GIB, HEADROOM, check_fits, free_bytes, how_many_fit, sweep_bytes, variant_memory
@@ -99,8 +100,8 @@ def variant_configs(scfg: SweepConfig) -> list[tuple[Variant, TrainConfig, SPOTC
 def memory_args(scfg: SweepConfig, planned: list[tuple[Variant, TrainConfig, SPOTConfig]], device) -> dict:
     """The memory model's view of a sweep: groups that hold activations at once, precision, teacher.
     Measures every variant's model once (TrainError naming a variant whose model cannot be built)."""
-    p = scfg.train.precision
-    bf16 = p == "bf16" or (p == "auto" and device.type == "cuda")
+    enc, batch = planned[0][2].encoder, planned[0][2].optim.batch_size
+    bf16 = resolve_precision(scfg.train.precision, device, batch * enc.grid_size ** 2 * enc.feature_dim) == "bf16"
     groups: dict[str, list[SPOTConfig]] = {}
     for i, (v, _, c) in enumerate(planned):
         try:

@@ -37,11 +37,13 @@ def identity(config: dict) -> dict:
             "world_size": config["world_size"]}
 
 
-def run_config(model: dict, train: dict, data: dict, teacher_id: str | None, world_size: int) -> dict:
+def run_config(model: dict, train: dict, data: dict, teacher_id: str | None, world_size: int,
+               compute: dict | None = None) -> dict:
     """config.json: the resolved configs, the data, the teacher (`teacher_id`: its checkpoint's checksum,
-    or a reference .pth's sha256), and `run_id` (a hash of `identity`)."""
+    or a reference .pth's sha256), `run_id` (a hash of `identity`) and `compute`: what the latest
+    process computed with (device, resolved precision, threads; not part of the identity)."""
     config = {"model": model, "train": train, "data": data, "teacher_id": teacher_id, "world_size": world_size}
-    return {**config, "run_id": json_digest(identity(config))}
+    return {**config, "run_id": json_digest(identity(config)), "compute": compute or {}}
 
 
 def checkpoint_identity(config: dict) -> dict:

@@ -70,7 +70,9 @@ class Trainer:
         self.lrs, self.ce_weights = schedules(self.cfg.optim, self.steps_per_epoch,
                                               self.setup.data_info["train_samples"], self.ranks.world_size)
         self.config = folder.run_config(self.cfg.to_dict(), cfg.to_dict(), self.setup.data_info,
-                                        self.setup.teacher_id, self.ranks.world_size)
+                                        self.setup.teacher_id, self.ranks.world_size,
+                                        {"device": str(self.device), "precision": self.setup.precision,
+                                         "threads": self.setup.threads})
 
     @property
     def batch_size(self) -> int:

@@ -26,6 +26,7 @@ from spot_fast.encoders import file_sha256
 from spot_fast.errors import arg, on_cli
 from spot_fast.model import SPOT
 from spot_fast.schedules import cosine_schedule, warmup_epochs
+from spot_fast.precision import resolve_precision
 from spot_fast.threads import configure_threads
 from spot_fast.train.config import TrainConfig, TrainError, model_config
 from spot_fast.train.data import CacheBatches, ImageBatches, StreamBatches
@@ -42,6 +43,7 @@ class RunSetup:
     val_cache: Cache | None = None       # the validation cache (None: none given or found)
     teacher: SPOT | None = None          # stage 2: the frozen teacher, eval mode
     teacher_id: str | None = None        # stage 2: its checkpoint's checksum (resume compares it, not its path)
+    precision: str = "fp32"              # what --precision resolved to: bf16 | fp32
     autocast_dtype: torch.dtype | None = None   # bf16 autocast, or None (fp32)
     threads: int = 1                     # torch intra-op threads set for this run
     notes: list[str] = field(default_factory=list)   # what was fitted to the data, for the intro line
@@ -72,13 +74,13 @@ def encoder_as_cached(cfg: SPOTConfig, manifest: dict) -> SPOTConfig:
     return dataclasses.replace(cfg, encoder=enc)
 
 
-def set_precision(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype of `precision` on `device`; on CUDA also TF32 on (off for fp32). The one
-    place the trainer sets torch's global flags."""
-    cuda = device.type == "cuda"
-    if cuda:
+def set_precision(device: torch.device, precision: str, work: int | None = None) -> str:
+    """What `precision` computes in on `device` for steps of `work` elements ("bf16" | "fp32",
+    spot_fast.precision); on CUDA also TF32 on (off for fp32). The one place the trainer sets
+    torch's global flags."""
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and cuda) else None
+    return resolve_precision(precision, device, work)
 
 
 def fit_small_data(tcfg: TrainConfig, cfg: SPOTConfig, samples: int, world_size: int) -> tuple[SPOTConfig, list]:
@@ -190,9 +192,10 @@ def resolve_run(tcfg: TrainConfig, ranks: Ranks) -> RunSetup:
     if setup.cfg.stage == 2:
         setup.teacher, setup.teacher_id = load_teacher(tcfg.teacher, setup.cfg, ranks.device,
                                                        weights=setup.data_info["weights"])
-    setup.autocast_dtype = set_precision(ranks.device, tcfg.precision)
     o, enc = setup.cfg.optim, setup.cfg.encoder
     work = o.batch_size * enc.grid_size ** 2 * enc.feature_dim
+    setup.precision = set_precision(ranks.device, tcfg.precision, work)
+    setup.autocast_dtype = torch.bfloat16 if setup.precision == "bf16" else None
     setup.threads = configure_threads(getattr(tcfg, "threads", None), work=work)
     return setup
 
@@ -227,7 +230,8 @@ def intro(setup: RunSetup, steps_per_epoch: int, world_size: int, device) -> str
     dropped, o = getattr(setup.data, "dropped", 0), setup.cfg.optim
     what = "DINOSAUR (the MLP-decoder baseline)" if setup.cfg.decoder.kind == "mlp" else f"SPOT stage {setup.cfg.stage}"
     return (f"training {what}: {setup.data_info['train_samples']} images, {steps_per_epoch} "
-            f"steps/epoch x {o.epochs} epochs, batch {o.batch_size} x {world_size} rank(s), device {device}"
+            f"steps/epoch x {o.epochs} epochs, batch {o.batch_size} x {world_size} rank(s), device {device}, "
+            f"{setup.precision}" + (f", {setup.threads} thread{'s' * (setup.threads != 1)}" if device.type == "cpu" else "")
             + (f"; fitted to the small dataset: {', '.join(setup.notes)}" if setup.notes else "")
             + (f"; {dropped} image(s) per epoch left out (a short last batch under --drop-last, "
                f"or to keep the ranks' steps equal)" if dropped else "")
