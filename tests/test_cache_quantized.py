@@ -293,3 +293,23 @@ def test_residency_says_a_read_page_is_resident(q8):
     m = slabs.zarr_slabs(cache, "features")
     assert int(m.maps[0][:4096].sum()) >= 0             # touch the first page
     assert m.resident(0, 0)
+
+
+def test_stage2_batches_streamed_from_an_8bit_cache_carry_their_tail(q8):
+    """`train --stream` (StreamBatches, as `open_stream` makes it) on an 8-bit WebDataset cache: the
+    stage-2 target is the frozen tail (the encoder's own blocks here) of the split tokens the step reads."""
+    from spot_fast.train.data import StreamBatches, stage2_targets
+    cache = open_cache(q8["wds", "int8"], allow_random_init=True)
+    data = StreamBatches(cache.shard_urls(), cache.manifest, 2, seed=0, split_tokens=True,
+                         targets=stage2_targets(cache, True))
+    blocks = tiny_encoder().vit.blocks[2:]
+    n = 0
+    for b in device_batches(data.epoch(0), "cpu"):
+        x = b["split_tokens"]
+        with torch.no_grad():
+            for block in blocks:
+                x = block(x)
+        torch.testing.assert_close(b["features"], x[:, 1:], rtol=1e-6, atol=1e-6)
+        n += 1
+    assert n == len(data) > 0
+    assert stage2_targets(cache, False) is None

@@ -83,9 +83,7 @@ class CacheBatches:
                        split_tokens=split_tokens, dtype=None)
         first = cache.train_reader(batch_size, epoch=0, **self.kw)
         self.steps, self.dropped = len(first), first.dropped    # the same for every epoch
-        self.targets = None
-        if split_tokens and is_quantized(cache.dtype):
-            self.targets = FrozenTail.from_cache(cache, encoder_from_manifest(cache.manifest, cache.split_block))
+        self.targets = stage2_targets(cache, split_tokens)
 
     def __len__(self) -> int:
         return self.steps
@@ -97,16 +95,25 @@ class CacheBatches:
         return ({**b, "targets": self.targets} for b in batches)
 
 
+def stage2_targets(cache, split_tokens: bool) -> FrozenTail | None:
+    """The frozen tail that makes an 8-bit cache's stage-2 targets from its split tokens (None for
+    other caches, or without split tokens)."""
+    if not split_tokens or not is_quantized(cache.dtype):
+        return None
+    return FrozenTail.from_cache(cache, encoder_from_manifest(cache.manifest, cache.split_block))
+
+
 class StreamBatches:
     """Training batches streamed from WebDataset shard URLs (a `--format wds` cache served over
     HTTP or on shared storage, its shards in index order) through the reader's `WdsReader`.
     Shards are shuffled per epoch and dealt to the ranks, then a buffer shuffles the samples.
     Every epoch is cut to the same number of batches: what the rank with the fewest images gets
-    in the worst deal of shards, so all ranks and epochs take the same steps."""
+    in the worst deal of shards, so all ranks and epochs take the same steps. `targets`: an 8-bit
+    cache's frozen tail (`stage2_targets`), carried by every batch as CacheBatches' are."""
 
     def __init__(self, urls: list[str], manifest: dict, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, split_tokens: bool = False):
-        self.urls, self.batch_size = urls, batch_size
+                 world_size: int = 1, split_tokens: bool = False, targets: FrozenTail | None = None):
+        self.urls, self.batch_size, self.targets = urls, batch_size, targets
         self.kw = dict(seed=seed, rank=rank, world_size=world_size, manifest=manifest, split_tokens=split_tokens,
                        dtype=None, drop_last=True)
         sizes = sorted(s["images"] for s in manifest["shards"])
@@ -117,4 +124,7 @@ class StreamBatches:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         reader = WdsReader(self.urls, self.batch_size, epoch=epoch, **self.kw)
-        return itertools.islice(iter(reader), start_step, self.steps)     # resuming reads the skipped batches
+        batches = itertools.islice(iter(reader), start_step, self.steps)     # resuming reads the skipped batches
+        if self.targets is None:
+            return batches
+        return ({**b, "targets": self.targets} for b in batches)

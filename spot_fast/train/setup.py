@@ -29,7 +29,7 @@ from spot_fast.schedules import cosine_schedule, warmup_epochs
 from spot_fast.precision import resolve_precision
 from spot_fast.threads import configure_threads
 from spot_fast.train.config import TrainConfig, TrainError, model_config
-from spot_fast.train.data import CacheBatches, ImageBatches, StreamBatches
+from spot_fast.train.data import CacheBatches, ImageBatches, StreamBatches, stage2_targets
 from spot_fast.train.ddp import Ranks
 from spot_fast.train.teacher import load_teacher
 
@@ -128,7 +128,7 @@ def open_cache_data(tcfg: TrainConfig, ranks: Ranks) -> RunSetup:
                 raise TrainError(f"val cache {val_path} holds no ground-truth masks (a train cache?), which the "
                                  f"evaluation after training needs: give a cache built with --split val")
         if tcfg.stream is not None:
-            data = open_stream(tcfg, cache.manifest, cfg, ranks)
+            data = open_stream(tcfg, cache, cfg, ranks)
         else:
             data = CacheBatches(cache, cfg.optim.batch_size, seed=tcfg.seed, rank=ranks.rank,
                                 world_size=ranks.world_size, drop_last=tcfg.drop_last, split_tokens=cfg.stage == 2)
@@ -143,15 +143,19 @@ def open_cache_data(tcfg: TrainConfig, ranks: Ranks) -> RunSetup:
                     notes=notes)
 
 
-def open_stream(tcfg: TrainConfig, manifest: dict, cfg: SPOTConfig, ranks: Ranks) -> StreamBatches:
+def open_stream(tcfg: TrainConfig, cache: Cache, cfg: SPOTConfig, ranks: Ranks) -> StreamBatches:
+    """Batches streamed from --stream's shard URLs, described by the local cache folder's manifest
+    (and, for stage 2 on an 8-bit cache, its frozen tail: the targets come from the split tokens)."""
     from webdataset.shardlists import expand_urls
+    manifest = cache.manifest
     urls = expand_urls(tcfg.stream)
     if manifest["format"] != "wds" or len(urls) != len(manifest["shards"]):
         raise TrainError(f"--stream gives {len(urls)} shard URLs for a {manifest['format']} cache of "
                          f"{len(manifest['shards'])} shards: stream the shards of a --format wds cache, all of "
                          f"them, in index order (shard-00000.tar, ...)")
     return StreamBatches(urls, manifest, cfg.optim.batch_size, seed=tcfg.seed, rank=ranks.rank,
-                         world_size=ranks.world_size, split_tokens=cfg.stage == 2)
+                         world_size=ranks.world_size, split_tokens=cfg.stage == 2,
+                         targets=stage2_targets(cache, cfg.stage == 2))
 
 
 def open_image_data(tcfg: TrainConfig, ranks: Ranks) -> RunSetup:
