@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from spot_fast.bench.reference.data import make_jpegs
-from spot_fast.benchinfo import save_result, versions
+from spot_fast.benchinfo import evict, save_result, versions
 from spot_fast.cache import CacheSpec, build_cache, device_batches, epoch_batches, open_cache
 from spot_fast.cache.checks import fast_hash
 from spot_fast.cache.zarr_store import chunk_file
@@ -82,17 +82,6 @@ class BlankSource:
 
     def train_views(self, i):
         return torch.zeros(self.views, 3, 1, 1)
-
-
-def evict(paths: list[Path]) -> None:
-    """Drop the files from the page cache (clean pages only: fine after fsync-free writes + sync)."""
-    os.sync()
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def time_reader(cache, batch: int, workers: int, epoch: int, dtype=None, device: str | None = None) -> tuple[float, int]:

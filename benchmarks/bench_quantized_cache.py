@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import tempfile
@@ -34,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from spot_fast.benchinfo import evict
 
 DTYPES = ("fp16", "fp8", "int8")
 METRICS = ("mse_vs_fp16", "fg_ari", "mbo_i", "mbo_c", "miou")
@@ -123,21 +124,6 @@ class Blank:
 
     def train_views(self, i):
         return torch.zeros(2, 3, 1, 1)
-
-
-def evict(files: list[Path]) -> str:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("1\n")
-        return "drop_caches"
-    except OSError:
-        for p in files:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-        return "posix_fadvise"
 
 
 def reader_speed(work: Path, images: int, batch: int, repeat: int) -> dict:

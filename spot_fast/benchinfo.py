@@ -68,3 +68,21 @@ def save_result(benchmark: str, payload: dict, path: Path | None = None) -> Path
     path = path or result_path(benchmark)
     path.write_text(json.dumps(payload, indent=1, default=str))
     return path
+
+
+def evict(files) -> str:
+    """Drop `files` from the page cache before a cold read; returns how: "drop_caches" (the whole
+    page cache, where this process may write /proc/sys/vm/drop_caches) or "posix_fadvise"
+    (DONTNEED per file: clean pages only, after a sync)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return "drop_caches"
+    except OSError:
+        for p in files:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return "posix_fadvise"

@@ -243,11 +243,11 @@ class DemoResult:
 def run_demo(cfg: DemoConfig, say=print) -> DemoResult:
     """The whole demo (see the module docstring); returns the table and where the report is."""
     from spot_fast.cache import open_cache
-    from spot_fast.threads import configure_threads
+    from spot_fast.threads import configure_threads, step_work
     cfg.validate()
     out = Path(cfg.out)
     enc, batch = preset("demo").encoder, preset("demo").optim.batch_size
-    configure_threads(cfg.threads, work=batch * enc.num_patches * enc.feature_dim)
+    configure_threads(cfg.threads, work=step_work(enc, batch))
     record = out / TIMES_RECORD
     times: dict[str, float] = json.loads(record.read_text()) if record.is_file() else {}
     reused: list[str] = []

@@ -62,6 +62,12 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
+def step_work(encoder, batch: int) -> int:
+    """The work size both policies read (this one and `--precision auto`'s): elements of a step's
+    token batch, batch x patches x width of `encoder` (an EncoderConfig)."""
+    return batch * encoder.num_patches * encoder.feature_dim
+
+
 def busy_cores(stat: Path = Path("/proc/stat"), looks: int = 5, gap_s: float = 0.01) -> int:
     """Cores that other processes keep busy now: the machine's runnable tasks (`procs_running`, which
     counts this process too), the least of `looks` looks `gap_s` apart (a passing burst is not a

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from spot_fast.bench.timing import measure
-from spot_fast.threads import configure_threads, usable_cores
+from spot_fast.threads import configure_threads, step_work, usable_cores
 
 NEIGHBOUR_LIMIT_S = 900
 ROUNDS = 2            # quiet/busy block pairs per setting
@@ -41,11 +41,6 @@ def busy_neighbours(count: int, limit_s: float = NEIGHBOUR_LIMIT_S):
             p.wait()
 
 
-def step_work(cfg, batch: int) -> int:
-    """The thread policy's work size of a stage-1 step: its widest activation (tokens x width)."""
-    return batch * cfg.encoder.num_patches * max(cfg.feature_dim, 4 * cfg.feature_dim)
-
-
 def contended_section(row, cfg, batch: int, device: torch.device, warmup: int, repeats: int,
                       threads: int | None, default_threads: int) -> dict:
     """{setting: {threads, quiet_img_s, contended_img_s, contended_share}} for the thread policy (or
@@ -54,7 +49,7 @@ def contended_section(row, cfg, batch: int, device: torch.device, warmup: int, r
     The policy chooses in each block, as a run started then would (quiet: the usable cores; busy:
     the idle ones); `threads` records each block's choice, quiet first."""
     out = {}
-    work = step_work(cfg, batch)
+    work = step_work(cfg.encoder, batch)            # as the trainer computes it
     settings = {"policy": lambda: configure_threads(threads, work=work),
                 "torch default": lambda: _set(default_threads)}
     for name, choose in settings.items():

@@ -27,12 +27,11 @@ def git_commit() -> str | None:
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     """Run the configured sections; returns the result dict (also saved as JSON when cfg.save)."""
-    from spot_fast.threads import configure_threads
+    from spot_fast.threads import configure_threads, step_work
     cfg.validate()
     cfg = cfg.resolved()
     model_cfg = preset(cfg.preset)
-    from spot_fast.bench.contended import step_work
-    threads = configure_threads(cfg.threads, work=step_work(model_cfg, cfg.batch))
+    threads = configure_threads(cfg.threads, work=step_work(model_cfg.encoder, cfg.batch))
     peaks = {p: peak(torch.device(cfg.device), p) for p in dict.fromkeys(("fp32", *cfg.precisions))}
     result = {"config": asdict(cfg), "threads": threads, "git_commit": git_commit(),
               "reference": _reference_note(cfg), "flop_count": flops.__doc__.strip(), "sections": {}}

@@ -40,7 +40,11 @@ class MappedSlabs:
 
     def start(self, s: int, v: int) -> int:
         """Byte offset of sample s, view v in its file (views of a sample are consecutive)."""
-        return int(self.offset[s]) + v * self.nbytes
+        return int(self.starts(np.asarray(s), np.asarray(v)))
+
+    def starts(self, samples: np.ndarray, views: np.ndarray) -> np.ndarray:
+        """Byte offsets of slabs (samples[i], views[i]) in their files."""
+        return self.offset[samples] + views * self.nbytes
 
     def slab(self, s: int, v: int) -> np.ndarray:
         """Sample s, view v: a stored-dtype view into the map (no copy)."""
@@ -53,7 +57,7 @@ class MappedSlabs:
         if self.nbytes < SMALL_SLAB:
             return
         n = self.nbytes
-        for f, start in zip(self.file[samples].tolist(), (self.offset[samples] + views * n).tolist()):
+        for f, start in zip(self.file[samples].tolist(), self.starts(samples, views).tolist()):
             page = start - start % mmap.PAGESIZE
             if not self.resident(f, page):
                 self.mmaps[f].madvise(mmap.MADV_WILLNEED, page, start + n - page)
@@ -71,7 +75,7 @@ class MappedSlabs:
         if advise:
             self.advise(samples, views)
         n, files = self.nbytes, self.file[samples].tolist()
-        starts = (self.offset[samples] + views * n).tolist()
+        starts = self.starts(samples, views).tolist()
         if raw is not None:
             flat = raw[:len(starts)].reshape(len(starts), -1).view(np.uint8)        # (b, nbytes)
             for i, (f, start) in enumerate(zip(files, starts)):
@@ -85,7 +89,7 @@ class MappedSlabs:
 
         Slabs whose offsets are multiples of the item size are gathered as rows of items (4x fewer
         indices for float32 scales than bytes)."""
-        starts = self.offset[samples] + views * self.nbytes                         # (b,)
+        starts = self.starts(samples, views)                                        # (b,)
         files = self.file[samples]
         item = self.dtype.itemsize if not (starts % self.dtype.itemsize).any() else 1
         flat = raw[:len(samples)].reshape(len(samples), -1).view(np.dtype(f"V{item}"))   # (b, nbytes / item)
@@ -201,7 +205,7 @@ def array_codec(cache, name: str) -> str:
     return "fp32" if name.endswith(SCALE_SUFFIX) else cache.dtype
 
 
-def zarr_slabs(cache, name: str) -> MappedSlabs | ZarrSlabs:
+def zarr_slabs(cache, name: str, check: bool = True) -> MappedSlabs | ZarrSlabs | TableSlabs:
     """The slabs of array `name` of a zarr cache (memory-mapped chunk files when uncompressed)."""
     spec = cache.manifest["arrays"][name]
     views, L, D = spec["shape"][1:]
@@ -220,7 +224,7 @@ def zarr_slabs(cache, name: str) -> MappedSlabs | ZarrSlabs:
                              f"uncompressed chunk holds {chunk}: run `spot-fast cache verify {cache.path}` "
                              f"and rebuild the cache")
     mapped = MappedSlabs(maps, where, smp.pos * views * slab, (L, D), array_codec(cache, name))
-    return _small_in_memory(cache, name, mapped, views)
+    return _small_in_memory(cache, name, mapped, views, check)
 
 
 def wds_slabs(cache, name: str) -> MappedSlabs:
@@ -239,13 +243,16 @@ def wds_slabs(cache, name: str) -> MappedSlabs:
     return MappedSlabs(maps, where, offset, tuple(spec["shape"][2:]), array_codec(cache, name))
 
 
-def _small_in_memory(cache, name: str, mapped: MappedSlabs, views: int) -> MappedSlabs | TableSlabs:
+def _small_in_memory(cache, name: str, mapped: MappedSlabs, views: int, check: bool) -> MappedSlabs | TableSlabs:
     """8-bit scales as a table in memory (kept by the cache: built once per process), else the maps.
-    zarr only: its scales lie in files of their own, checked before the table is read (TrainReader);
-    a WebDataset cache's lie inside the tars, which are checked one by one as batches reach them."""
+    zarr only: its scales lie in files of their own, each checked (`check`) before the table reads
+    it; a WebDataset cache's lie inside the tars, which are checked one by one as batches reach them."""
     if not name.endswith(SCALE_SUFFIX) or mapped.nbytes >= SMALL_SLAB:
         return mapped
     if name not in cache.tables:
+        if check:
+            for k in np.unique(cache.samples.shard).tolist():
+                cache.check_shard(k, (name,))
         cache.tables[name] = TableSlabs(mapped, views)
     return cache.tables[name]
 

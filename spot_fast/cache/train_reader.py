@@ -70,10 +70,8 @@ class TrainReader:
         self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.num_samples = len(cache.samples)
         self._check_size()
-        if check and self.quantized and cache.format == "zarr":     # the scale tables read every shard's scales
-            for k in sorted(set(cache.samples.shard.tolist())):
-                cache.check_shard(k, tuple(map(scale_name, tokens)))
-        self.slabs = {n: (wds_slabs if cache.format == "wds" else zarr_slabs)(cache, n) for n in self.names}
+        self.slabs = {n: wds_slabs(cache, n) if cache.format == "wds" else zarr_slabs(cache, n, check)
+                      for n in self.names}
         self._checked: set[int] = set()
 
     def _check_size(self) -> None:

@@ -36,6 +36,7 @@ from spot_fast.sweep.memory import GIB, HEADROOM, check_fits, free_bytes, how_ma
 from spot_fast.sweep.report import write_sweep_summary
 from spot_fast.sweep.stacked import StackedSPOT, stack_key
 from spot_fast.sweep.variant import SharedTeacher, VariantRun, stacked_train_step
+from spot_fast.threads import step_work
 from spot_fast.train import ddp
 from spot_fast.train.config import RESUME_FREE, TrainConfig, TrainError, config_diff, model_config
 from spot_fast.train.loop import Trainer
@@ -100,8 +101,8 @@ def variant_configs(scfg: SweepConfig) -> list[tuple[Variant, TrainConfig, SPOTC
 def memory_args(scfg: SweepConfig, planned: list[tuple[Variant, TrainConfig, SPOTConfig]], device) -> dict:
     """The memory model's view of a sweep: groups that hold activations at once, precision, teacher.
     Measures every variant's model once (TrainError naming a variant whose model cannot be built)."""
-    enc, batch = planned[0][2].encoder, planned[0][2].optim.batch_size
-    bf16 = resolve_precision(scfg.train.precision, device, batch * enc.grid_size ** 2 * enc.feature_dim) == "bf16"
+    first = planned[0][2]
+    bf16 = resolve_precision(scfg.train.precision, device, step_work(first.encoder, first.optim.batch_size)) == "bf16"
     groups: dict[str, list[SPOTConfig]] = {}
     for i, (v, _, c) in enumerate(planned):
         try:

@@ -90,9 +90,7 @@ class CacheBatches:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         batches = iter(self.cache.train_reader(self.batch_size, epoch=epoch, start_step=start_step, **self.kw))
-        if self.targets is None:
-            return batches
-        return ({**b, "targets": self.targets} for b in batches)
+        return with_targets(batches, self.targets)
 
 
 def stage2_targets(cache, split_tokens: bool) -> FrozenTail | None:
@@ -101,6 +99,13 @@ def stage2_targets(cache, split_tokens: bool) -> FrozenTail | None:
     if not split_tokens or not is_quantized(cache.dtype):
         return None
     return FrozenTail.from_cache(cache, encoder_from_manifest(cache.manifest, cache.split_block))
+
+
+def with_targets(batches: Iterator[dict], targets: FrozenTail | None) -> Iterator[dict]:
+    """`batches`, each carrying `targets` (read by `device_batches`) when there is one."""
+    if targets is None:
+        return batches
+    return ({**b, "targets": targets} for b in batches)
 
 
 class StreamBatches:
@@ -125,6 +130,4 @@ class StreamBatches:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         reader = WdsReader(self.urls, self.batch_size, epoch=epoch, **self.kw)
         batches = itertools.islice(iter(reader), start_step, self.steps)     # resuming reads the skipped batches
-        if self.targets is None:
-            return batches
-        return ({**b, "targets": self.targets} for b in batches)
+        return with_targets(batches, self.targets)
