@@ -313,3 +313,60 @@ def test_stage2_batches_streamed_from_an_8bit_cache_carry_their_tail(q8):
         n += 1
     assert n == len(data) > 0
     assert stage2_targets(cache, False) is None
+
+
+def test_a_cold_slab_whose_first_page_a_neighbour_brought_in_is_still_advised(tmp_path):
+    """Slabs are not page-aligned: the page a slab starts on also holds the end of the slab before
+    it. After that neighbour is read, the slab's own pages are still cold, and `advise` must still
+    start reading them (it probes a page the slab owns, not its first)."""
+    import mmap as mm
+    import os
+    import time
+    from spot_fast.cache import slabs
+
+    if slabs._LIBC is None:
+        pytest.skip("no libc mincore here")
+    P = mm.PAGESIZE
+    L, D = 3, P // 2 + 50                                  # 1-byte items: a slab of 1.5 pages + 150 bytes
+    nbytes, count = L * D, 64
+    path = tmp_path / "slabs.bin"
+    path.write_bytes(np.random.default_rng(0).integers(0, 255, nbytes * count, dtype=np.uint8).tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with open(path, "rb") as f:
+            m = mm.mmap(f.fileno(), 0, access=mm.ACCESS_COPY)
+        mapped = slabs.MappedSlabs([m], np.zeros(count, np.int64), np.arange(count) * nbytes, (L, D), "int8")
+        target = next(s for s in range(1, count) if (s * nbytes) % P)      # starts inside a page
+        start = target * nbytes
+        own = slabs.owned_page(start, nbytes)
+        if mapped.resident(0, own):
+            pytest.skip("this file system keeps the file in memory (no cold pages to test)")
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        os.pread(fd, nbytes, start - nbytes)                 # the neighbour is read: the shared page too
+        first = start - start % P
+        assert mapped.resident(0, first) and not mapped.resident(0, own)
+        mapped.advise(np.array([target]), np.array([0]))
+        deadline = time.monotonic() + 5                     # the advice reads in the background
+        while not mapped.resident(0, own) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert mapped.resident(0, own)
+        out = torch.empty((1, L, D), dtype=torch.int8)
+        mapped.fill(out, np.array([target]), np.array([0]), advise=False)
+        assert out.view(torch.uint8).numpy().tobytes() == path.read_bytes()[start:start + nbytes]
+    finally:
+        os.close(fd)
+
+
+def test_owned_page_lies_inside_the_slab():
+    import mmap as mm
+    from spot_fast.cache.slabs import owned_page
+
+    P = mm.PAGESIZE
+    for start, n in [(0, P), (1, 2 * P), (P - 1, P + 1), (5 * P + 7, 3 * P), (10, P)]:
+        page = owned_page(start, n)
+        if page is None:
+            assert -(-start // P) * P + P > start + n
+        else:
+            assert page % P == 0 and start <= page and page + P <= start + n
