@@ -247,7 +247,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--num-train", type=int, default=96)
     p.add_argument("--num-val", type=int, default=32)
-    p.add_argument("--reader-images", type=int, default=2048)
+    p.add_argument("--reader-images", type=int, default=4096)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time (one thread each)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")

@@ -219,16 +219,30 @@ def test_busy_neighbours_run_during_the_block_and_are_always_killed():
     assert all(p.poll() is not None for p in procs)              # gone, failure or not
 
 
+def test_neighbours_run_in_sessions_of_their_own_or_in_ours():
+    import os
+    from spot_fast.bench.contended import busy_neighbours
+    for own, want_ours in ((True, False), (False, True)):
+        with busy_neighbours(2, limit_s=60, own_session=own) as procs:
+            assert all((os.getsid(p.pid) == os.getsid(0)) is want_ours for p in procs)
+
+
 def test_contended_section_times_the_policy_and_torch_default(tmp_path):
     cfg = BenchConfig(preset="tiny", batch=4, device="cpu", cache=str(tiny_caches().both), sections=("contended",),
                       warmup=0, repeats=1, precision="fp32", save=False, threads=1)
     res = run_bench(cfg, log=lambda msg: None)
-    rows = res["sections"]["contended"]["rows"]
-    assert set(rows) == {"policy", "torch default"} and rows["policy"]["threads"] == 1
+    section = res["sections"]["contended"]
+    rows = section["rows"]
+    assert section["precision"] == "fp32"
+    assert set(rows) == {"policy", "torch default"}
+    assert rows["policy"]["threads"] == {"quiet": 1, "other sessions": 1, "this session": 1}   # --threads 1
     for r in rows.values():
-        assert r["quiet_img_s"] > 0 and r["contended_img_s"] > 0
-        assert r["contended_share"] == pytest.approx(r["contended_img_s"] / r["quiet_img_s"])
-    assert "contended stage1" in format_table(res)
+        assert r["quiet_img_s"] > 0 and r["quiet_cores"] > 0
+        assert set(r["contended"]) == {"other sessions", "this session"}
+        for x in r["contended"].values():
+            assert x["img_s"] > 0 and x["cores"] > 0 and 0 < x["fair_cores"] <= 1         # one thread
+            assert x["share"] == pytest.approx(x["img_s"] / r["quiet_img_s"])
+    assert "contended stage1" in format_table(res) and "this session" in format_table(res)
 
 
 def test_sweep_ratio_is_separate_time_over_sweep_time(monkeypatch, tmp_path):
@@ -324,3 +338,17 @@ def test_every_bench_field_has_a_comment_and_a_flag():
         assert comments.get(f.name), f"BenchConfig.{f.name} has no comment"
         assert "--" + f.name.replace("_", "-") in text, f.name
         assert comments[f.name].split(" (")[0][:30] in text, f.name
+
+
+@pytest.mark.parametrize("threads, neighbours, cores, own_session, autogroup, want", [
+    (1, 2, 2, True, True, 2 / 3),          # three sessions on two cores
+    (2, 2, 2, True, True, 2 / 3),          # whatever the session's threads
+    (2, 2, 2, False, True, 1.0),           # this session: per thread, 2 of 4 tasks on 2 cores
+    (1, 2, 2, False, True, 2 / 3),
+    (2, 2, 2, True, False, 1.0),           # no autogroup: per thread
+    (1, 8, 8, True, True, 8 / 9),
+    (4, 1, 8, False, False, 4),            # room for every thread
+])
+def test_fair_cores(threads, neighbours, cores, own_session, autogroup, want):
+    from spot_fast.bench.contended import fair_cores
+    assert fair_cores(threads, neighbours, cores, own_session, autogroup) == pytest.approx(want)

@@ -54,6 +54,7 @@ def test_the_run_prints_and_records_what_it_computed_with(tmp_path):
     t = Trainer(tiny_config(tmp_path / "r", max_steps=1))
     line = intro(t.setup, t.steps_per_epoch, 1, t.device)
     assert "fp32" in line and f"{t.setup.threads} thread" in line, line          # tiny: fp32 whatever the CPU
-    assert t.config["compute"] == {"device": "cpu", "precision": "fp32", "threads": torch.get_num_threads()}
+    assert t.config["compute"] == {"device": "cpu", "precision": "fp32", "threads": torch.get_num_threads(),
+                                   "threads_tuned": False}                     # tiny: small work, one thread
     t.fit()
     assert json.loads((tmp_path / "r" / "config.json").read_text())["compute"]["precision"] == "fp32"

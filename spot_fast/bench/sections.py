@@ -55,9 +55,11 @@ def run_sections(cfg, model_cfg, folder: Path, peaks: dict, result: dict, log) -
                 result["sections"]["data"] = data_section(cfg, model_cfg, data, device)
             elif name == "contended":
                 from spot_fast.bench.contended import contended_section
-                row = train_rows(model_cfg, "stage1", data.train_cache, B, Options(device, ("fp32",)))["spot-fast"]
+                precision = contended_precision(cfg, model_cfg, device)
+                row = train_rows(model_cfg, "stage1", data.train_cache, B, Options(device, (precision,)))["spot-fast"]
                 result["sections"]["contended"] = contended_section(row, model_cfg, B, device, cfg.warmup,
-                                                                    cfg.repeats, cfg.threads, TORCH_DEFAULT_THREADS)
+                                                                    cfg.repeats, cfg.threads, TORCH_DEFAULT_THREADS,
+                                                                    precision)
             elif name == "sweep":
                 from spot_fast.bench.sweep import SweepBenchConfig, run_sweep_bench
                 cache = None if cfg.cache is None else str(bench_caches(cfg.cache, need_val=False)[0])
@@ -67,6 +69,16 @@ def run_sections(cfg, model_cfg, folder: Path, peaks: dict, result: dict, log) -
     finally:
         if worker is not None:
             worker.close()
+
+
+def contended_precision(cfg, model_cfg, device: torch.device) -> str:
+    """The contended rows' precision: --precision fp32 / bf16 as given, else what `spot-fast train`
+    computes in at this preset and batch (`--precision auto`)."""
+    from spot_fast.precision import resolve_precision
+    from spot_fast.threads import step_work
+    if cfg.precision in ("fp32", "bf16"):
+        return cfg.precision
+    return resolve_precision("auto", device, step_work(model_cfg.encoder, cfg.batch))
 
 
 def _data(cfg, model_cfg, folder: Path, device, log):

@@ -36,12 +36,15 @@ def format_table(result: dict) -> str:
             if "img_s" in v else f"{k}: {_wait(v)}" for k, v in sections["data"].items()))
     if "contended" in sections:
         c = sections["contended"]
+        lines.append(f"contended stage1 spot-fast ({c.get('precision', 'fp32')}), beside {c['neighbours']} busy "
+                     f"processes (img/s, share of quiet, cores the step got, threads)"
+                     f"{'; Linux shares the CPU between sessions first (autogroup)' if c.get('autogroup') else ''}:")
         for name, r in c["rows"].items():
-            n = r["threads"]
-            n = f"{n[0]} threads quiet, {n[1]} busy" if isinstance(n, list) else f"{n} threads"
-            lines.append(f"contended stage1 spot-fast, {name} ({n}): quiet {r['quiet_img_s']:.1f} "
-                         f"img/s, beside {c['neighbours']} busy processes {r['contended_img_s']:.1f} img/s "
-                         f"({100 * r['contended_share']:.0f}% of quiet)")
+            cells = [f"quiet {r['quiet_img_s']:.1f} ({r['quiet_cores']:.2f} cores, {_threads(r['threads']['quiet'])})"]
+            cells += [f"{kind}: {x['img_s']:.1f} {100 * x['share']:.0f}% ({x['cores']:.2f} of "
+                      f"{x['fair_cores']:.2f} fair cores, {100 * x['of_fair_share']:.0f}% of the fair-share speed, "
+                      f"{_threads(r['threads'][kind])})" for kind, x in r["contended"].items()]
+            lines.append(f"  {name:<14} " + "; ".join(cells))
     if "sweep" in sections:
         from spot_fast.bench.sweep import format_sweep_table
         lines.append("sweep: " + format_sweep_table(sections["sweep"]))
@@ -54,3 +57,8 @@ def format_table(result: dict) -> str:
 
 def _wait(v: dict) -> str:
     return f"{100 * v['share']:.1f}% of step time" if v.get("share") is not None else "n/a"
+
+
+def _threads(n) -> str:
+    """A block kind's thread counts: one number, or one per round where they differed."""
+    return f"{n} thr" if not isinstance(n, list) else "/".join(map(str, n)) + " thr"

@@ -33,6 +33,7 @@ from spot_fast.io import write_json_atomic
 from spot_fast.errors import Interrupted
 from spot_fast.model import SPOT
 from spot_fast.runs import CONFIG_FILE, RunError, RunLock, step_checkpoints
+from spot_fast.threads import ThreadTuner, step_work, tunes
 from spot_fast.train import ddp, folder
 from spot_fast.train.config import TrainConfig, TrainError
 from spot_fast.train.logging import LOG_FILE, RunLog, truncate_log
@@ -69,14 +70,35 @@ class Trainer:
                              f"of {self.batch_size} x {self.ranks.world_size} ranks: lower --batch-size")
         self.lrs, self.ce_weights = schedules(self.cfg.optim, self.steps_per_epoch,
                                               self.setup.data_info["train_samples"], self.ranks.world_size)
+        # threads: the count the run starts with; tuned: the loop's step times may change it
+        # (ThreadTuner; each change is a "threads" record in log.jsonl and a line of the log)
+        self.tuned = self.ranks.world_size == 1 and tunes(getattr(cfg, "threads", None), self.work, self.device)
+        self.setup.threads_tuned = self.tuned
         self.config = folder.run_config(self.cfg.to_dict(), cfg.to_dict(), self.setup.data_info,
                                         self.setup.teacher_id, self.ranks.world_size,
                                         {"device": str(self.device), "precision": self.setup.precision,
-                                         "threads": self.setup.threads})
+                                         "threads": self.setup.threads, "threads_tuned": self.tuned})
 
     @property
     def batch_size(self) -> int:
         return self.cfg.optim.batch_size
+
+    @property
+    def work(self) -> int:
+        """The step's work size, as the thread and precision policies read it."""
+        return step_work(self.cfg.encoder, self.batch_size)
+
+    def thread_tuner(self) -> ThreadTuner | None:
+        """The tuner a driver's loop feeds with step times (None where the run's threads are fixed);
+        its changes go to the log."""
+        if not self.tuned:
+            return None
+        return ThreadTuner.for_run(None, self.work, self.device, say=self.threads_changed)
+
+    def threads_changed(self, message: str) -> None:
+        if self.log is not None:
+            self.log.say(message)
+            self.log.record("threads", self.state.step, threads=torch.get_num_threads(), why=message)
 
     @property
     def total_steps(self) -> int:
@@ -261,8 +283,9 @@ class Trainer:
         """begin, `step` over the reader's batches epoch by epoch, finish."""
         self.begin()
         try:
+            tuner = self.thread_tuner()
             while not self.done:
-                self._epoch()
+                self._epoch(tuner)
             self.finish()
         except KeyboardInterrupt as stop:
             raise Interrupted(self.interrupted()) from stop
@@ -274,8 +297,9 @@ class Trainer:
         """What an interrupted run kept, and the command that continues it."""
         return folder.interrupted_message(self.run, self.tcfg, self.state.step, self.total_steps)
 
-    def _epoch(self) -> None:
-        """The reader's batches from the run's position to the end of the epoch (or of the run)."""
+    def _epoch(self, tuner: ThreadTuner | None = None) -> None:
+        """The reader's batches from the run's position to the end of the epoch (or of the run);
+        `tuner` is given each step's compute time."""
         batches = device_batches(self.data.epoch(self.state.epoch, self.state.step_in_epoch), self.device)
         epoch = self.state.epoch
         while not self.done and self.state.epoch == epoch:
@@ -284,13 +308,19 @@ class Trainer:
             if batch is None:                   # the reader gave fewer than steps_per_epoch batches
                 self.end_epoch()
                 return
-            self.step(batch, time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            out = self.train_step(batch)
+            if tuner is not None:
+                tuner.observe(time.perf_counter() - t1)
+            self.record(out, batch, t1 - t0)
 
     def _log_window(self) -> None:
         self._check_finite()
         values = {k: float(self.ranks.mean(v)) for k, v in self.meter.window_means().items()}
         rates = self.meter.rates()
         values.update(rates, lr=self.lrs[self.state.step - 1], epoch=self.state.epoch)
+        if self.device.type == "cpu":
+            values["threads"] = torch.get_num_threads()
         self.log.record("train", self.state.step, **values)
         self.log.progress(self.state.step, f"loss {values['loss']:.4f}  {rates['img_s']:.0f} img/s")
         self.meter.new_window()

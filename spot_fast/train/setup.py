@@ -45,7 +45,8 @@ class RunSetup:
     teacher_id: str | None = None        # stage 2: its checkpoint's checksum (resume compares it, not its path)
     precision: str = "fp32"              # what --precision resolved to: bf16 | fp32
     autocast_dtype: torch.dtype | None = None   # bf16 autocast, or None (fp32)
-    threads: int = 1                     # torch intra-op threads set for this run
+    threads: int = 1                     # torch intra-op threads set for this run (at its start)
+    threads_tuned: bool = False          # the loop's step times may change them (threads.ThreadTuner)
     notes: list[str] = field(default_factory=list)   # what was fitted to the data, for the intro line
     skipped: str = ""                    # images that cannot be decoded, left out (`ReadableSource.summary`)
 
@@ -234,7 +235,9 @@ def intro(setup: RunSetup, steps_per_epoch: int, world_size: int, device) -> str
     what = "DINOSAUR (the MLP-decoder baseline)" if setup.cfg.decoder.kind == "mlp" else f"SPOT stage {setup.cfg.stage}"
     return (f"training {what}: {setup.data_info['train_samples']} images, {steps_per_epoch} "
             f"steps/epoch x {o.epochs} epochs, batch {o.batch_size} x {world_size} rank(s), device {device}, "
-            f"{setup.precision}" + (f", {setup.threads} thread{'s' * (setup.threads != 1)}" if device.type == "cpu" else "")
+            f"{setup.precision}" + (f", {setup.threads} thread{'s' * (setup.threads != 1)}"
+                                    + (" (tuned to the step time)" if setup.threads_tuned else "")
+                                    if device.type == "cpu" else "")
             + (f"; fitted to the small dataset: {', '.join(setup.notes)}" if setup.notes else "")
             + (f"; {dropped} image(s) per epoch left out (a short last batch under --drop-last, "
                f"or to keep the ranks' steps equal)" if dropped else "")
