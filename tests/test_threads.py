@@ -156,3 +156,23 @@ def test_a_tuned_run_logs_its_threads_and_says_it_in_config_json(tmp_path, monke
     assert all(r["threads"] in (1, 2) for r in records if r["kind"] == "train")
     chosen = [r for r in records if r["kind"] == "threads"]
     assert len(chosen) >= 1 and chosen[0]["threads"] in (1, 2) and "step time by threads" in chosen[0]["why"]
+
+
+def test_a_tuned_sweep_tunes_its_whole_step_once(tmp_path, monkeypatch, capsys):
+    """A sweep's variants share the process's threads: one tuner times the whole sweep step and
+    says its choice once, not one per variant."""
+    import torch
+    from train_case import tiny_config
+    from spot_fast.sweep.run import SweepConfig, sweep
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads, "SMALL_WORK", 1)
+    before = torch.get_num_threads()
+    try:
+        sweep(SweepConfig(train=tiny_config(tmp_path / "sweep", epochs=2), grid=["optim.lr=4e-4,2e-3"]))
+    finally:
+        torch.set_num_threads(before)
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sweep threads:")]
+    assert len(said) == 1 and "step time by threads" in said[0]
