@@ -11,6 +11,9 @@ and other drivers (the sweep) use:
         trainer.step(batch)              # train_step + record: meter, log, checkpoints, end of epoch
     trainer.finish(); trainer.close()    # final checkpoint and evaluation; release the folder
 
+A driver that times its steps may also feed `trainer.thread_tuner()` (None where the threads are
+fixed) with each step's compute time, as `fit()` and the sweep do.
+
 Public state a driver may read: `cfg`, `data` (len: steps per epoch; `.epoch(e, start)`), `state`,
 `total_steps`, `done`, `val_cache`, `run`, `setup` (the resolved run), and `teacher`, which a driver
 may replace with one shared by several trainers of the same teacher checkpoint.
