@@ -10,7 +10,9 @@ Four parts, each a table:
 2. size and reader speed on a COCO-shaped cache (196 tokens x 768, 2 views + 197 split tokens, the
    real builder fed by a stand-in encoder): bytes/image (scales included) and TrainReader img/s and
    GB/s (stored bytes read) over one epoch, warm (page cache) and cold (evicted first: drop_caches
-   when permitted, else posix_fadvise DONTNEED per file), the dtypes interleaved.
+   when permitted, else posix_fadvise DONTNEED per file), the dtypes interleaved; beside cold, the
+   disk's own img/s for the same slabs (plain preads, 16 in flight): a cold ratio between dtypes
+   can only be judged against the disk's.
 3. stage 1: the `tiny` preset trained from each cache (the library API, one thread per run, two
    runs at a time) over --seeds seeds; mean and standard error of the last epoch's reconstruction
    MSE against the fp16 val targets and of FG-ARI, mBO^i, mBO^c, mIoU (decoder masks, each run
@@ -131,7 +133,8 @@ def reader_speed(work: Path, images: int, batch: int, repeat: int) -> dict:
     interleaved repeat by repeat (a shared machine's drift, or a cloud disk's burst credit, then
     falls on all of them alike). img/s times the epoch's batches; opening the cache and its reader
     (where an 8-bit zarr cache loads its per-token scales, once per training process) is timed
-    apart as open_s: a run pays it once, not every epoch."""
+    apart as open_s: a run pays it once, not every epoch. After each cold epoch, `disk_rate`: the
+    disk's own img/s for the same slabs, the ceiling of any reader of this layout."""
     from spot_fast.cache import CacheSpec, build_cache, open_cache
     from spot_fast.config import EncoderConfig
     cfg = EncoderConfig(name="custom", image_size=224, patch_size=16, embed_dim=768, depth=1, num_heads=12,
@@ -146,7 +149,7 @@ def reader_speed(work: Path, images: int, batch: int, repeat: int) -> dict:
         token_bytes = sum(f.stat().st_size for f in files[dtype] if "/c/" in str(f) and
                           f.relative_to(path).parts[0] in ("features", "split_tokens", "features_scale",
                                                            "split_tokens_scale"))
-        out[dtype] = {"bytes_per_image": token_bytes / images, "warm": [], "cold": []}
+        out[dtype] = {"bytes_per_image": token_bytes / images, "warm": [], "cold": [], "disk": []}
 
     def epoch(dtype, e):
         t0 = time.perf_counter()
@@ -166,6 +169,8 @@ def reader_speed(work: Path, images: int, batch: int, repeat: int) -> dict:
         for dtype in DTYPES:
             out[dtype]["eviction"] = evict(files[dtype])
             out[dtype]["cold"].append(epoch(dtype, 10 + i))
+            evict(files[dtype])
+            out[dtype]["disk"].append(disk_rate(paths[dtype], batch, 10 + i))
     for dtype in DTYPES:
         row = out[dtype]
         for kind in ("warm", "cold"):
@@ -174,11 +179,50 @@ def reader_speed(work: Path, images: int, batch: int, repeat: int) -> dict:
             row[f"{kind}_gb_s"] = statistics.median(r[1] for r in runs)
             row[f"{kind}_best_img_s"] = max(r[0] for r in runs)   # the least disturbed epoch
             row[f"{kind}_open_s"] = statistics.median(r[2] for r in runs)   # opening the cache and its reader
+        row["disk_img_s"] = statistics.median(row.pop("disk"))
         shutil.rmtree(paths[dtype])
     for dtype in DTYPES:
-        for k in ("bytes_per_image", "warm_img_s", "warm_best_img_s", "cold_img_s", "cold_best_img_s"):
+        for k in ("bytes_per_image", "warm_img_s", "warm_best_img_s", "cold_img_s", "cold_best_img_s", "disk_img_s"):
             out[dtype][k + "_vs_fp16"] = out[dtype][k] / out["fp16"][k]
     return out
+
+
+DISK_THREADS = 16     # reads in flight for the disk's own rate
+
+
+def disk_rate(path: Path, batch: int, epoch: int) -> float:
+    """The disk's own img/s for a cold epoch: the token slabs the reader's epoch would copy (same
+    samples, views and arrays), each read by one plain pread, DISK_THREADS at a time, in no
+    particular order, straight after an eviction. What any reader of this layout could reach on
+    this disk: the cold ratio between dtypes cannot beat this one's."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+    from spot_fast.cache import open_cache
+    from spot_fast.cache.slabs import zarr_slabs
+    cache = open_cache(path, allow_random_init=True)
+    reader = cache.train_reader(batch, seed=0, epoch=epoch, dtype=None, check=False)
+    shards = [s["index"] for s in cache.shards if s["images"] > 0]
+    reads = []                                           # (file, offset, nbytes)
+    for name in reader.tokens:
+        slabs = zarr_slabs(cache, name, check=False)
+        files = [str(cache.path / cache.shard_file(k, name)) for k in shards]
+        for samples, views in reader.plan(epoch):
+            reads += [(files[f], o, slabs.nbytes) for f, o in zip(slabs.file[samples].tolist(),
+                                                                  slabs.starts(samples, views).tolist())]
+    images = sum(len(samples) for samples, _ in reader.plan(epoch))
+    fds = {f: os.open(f, os.O_RDONLY) for f in {r[0] for r in reads}}
+
+    def read(r):
+        os.pread(fds[r[0]], r[2], r[1])
+    try:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(DISK_THREADS) as pool:
+            list(pool.map(read, reads, chunksize=16))
+        seconds = time.perf_counter() - t0
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return images / seconds
 
 
 # ----------------------------------------------------------------------------- 3-4. training
@@ -229,7 +273,8 @@ def print_table(title: str, summary: dict) -> None:
 
 def print_reader(errors: dict, reader: dict) -> None:
     print(f"\n{'dtype':6}{'final rel.err p50/p99':>24}{'split p50/p99':>18}{'tail cons. relRMS':>19}"
-          f"{'bytes/img':>12}{'x fp16':>8}{'warm img/s':>12}{'(best)':>9}{'x fp16':>8}{'cold img/s':>12}{'x fp16':>8}{'open s':>9}")
+          f"{'bytes/img':>12}{'x fp16':>8}{'warm img/s':>12}{'(best)':>9}{'x fp16':>8}{'cold img/s':>12}{'x fp16':>8}"
+          f"{'disk img/s':>12}{'x fp16':>8}{'open s':>9}")
     for d in DTYPES:
         e, r = errors[d], reader[d]
         tail = e["build_record"].get("tail", {}).get("rel_rms", float("nan"))
@@ -237,7 +282,8 @@ def print_reader(errors: dict, reader: dict) -> None:
               f"{e['split_tokens']['median']:>9.2e}/{e['split_tokens']['p99']:.2e}{tail:>19.2e}"
               f"{r['bytes_per_image']:>12,.0f}{r['bytes_per_image_vs_fp16']:>8.3f}{r['warm_img_s']:>12,.0f}"
               f"{r['warm_best_img_s']:>9,.0f}{r['warm_img_s_vs_fp16']:>8.2f}{r['cold_img_s']:>12,.0f}"
-              f"{r['cold_img_s_vs_fp16']:>8.2f}{r['cold_open_s']:>9.3f}")
+              f"{r['cold_img_s_vs_fp16']:>8.2f}{r['disk_img_s']:>12,.0f}{r['disk_img_s_vs_fp16']:>8.2f}"
+              f"{r['cold_open_s']:>9.3f}")
 
 
 def main() -> None:
