@@ -165,12 +165,14 @@ class ThreadTuner:
     def for_run(cls, requested: int | None, work: int | None, device=None, reader_threads: int = 0,
                 say: Callable[[str], None] | None = None) -> "ThreadTuner | None":
         """A tuner over {1, the policy's choice, half and all usable cores}, starting at the policy's
-        choice (which `configure_threads` has set); None where nothing is to choose: --threads
-        given, a GPU, one usable core, or work below SMALL_WORK (one thread is fastest)."""
+        choice, which `configure_threads` has set (the count torch computes with now); None where
+        nothing is to choose: --threads given, a GPU, one usable core, or work below SMALL_WORK
+        (one thread is fastest)."""
+        import torch
         if not tunes(requested, work, device, reader_threads):
             return None
         usable = usable_cores() - reader_threads
-        start = choose_threads(None, work, reader_threads)
+        start = torch.get_num_threads()
         return cls([1, start, max(1, usable // 2), usable], start, say)
 
     def _start_trial(self, why: str) -> None:

@@ -123,6 +123,7 @@ def test_which_runs_are_tuned(monkeypatch, requested, work, device, usable, tune
     assert tunes(requested, work, torch.device(device)) is tuned
     before = torch.get_num_threads()
     try:
+        threads.configure_threads(requested, work=work)        # as a run sets them before its loop
         tuner = ThreadTuner.for_run(requested, work, torch.device(device))
         assert (tuner is not None) is tuned
         if tuner is not None:
@@ -131,23 +132,27 @@ def test_which_runs_are_tuned(monkeypatch, requested, work, device, usable, tune
         torch.set_num_threads(before)
 
 
-def test_a_tuned_run_logs_its_threads_and_says_it_in_config_json(tmp_path, monkeypatch, capsys):
-    """A CPU run whose threads are tuned: its first line and config.json say so, every train record
-    carries the threads, and the tuner's choice is a "threads" record and a line of the log."""
-    import json
+@pytest.fixture
+def tuned_two_cores(monkeypatch):
+    """Two idle usable cores and every work size tuned; torch's threads restored afterwards."""
     import torch
-    from train_case import tiny_config
-    from spot_fast.train import train
-
     monkeypatch.setattr(threads, "usable_cores", lambda: 2)
     monkeypatch.setattr(threads, "busy_cores", lambda: 0)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(threads, "SMALL_WORK", 1)
     before = torch.get_num_threads()
-    try:
-        run = train(tiny_config(tmp_path / "run", log_every=2))
-    finally:
-        torch.set_num_threads(before)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_tuned_run_logs_its_threads_and_says_it_in_config_json(tmp_path, tuned_two_cores, capsys):
+    """A CPU run whose threads are tuned: its first line and config.json say so, every train record
+    carries the threads, and the tuner's choice is a "threads" record and a line of the log."""
+    import json
+    from train_case import tiny_config
+    from spot_fast.train import train
+
+    run = train(tiny_config(tmp_path / "run", log_every=2))
     config = json.loads((run / "config.json").read_text())
     assert config["compute"]["threads_tuned"] is True
     printed = capsys.readouterr().out
@@ -158,21 +163,12 @@ def test_a_tuned_run_logs_its_threads_and_says_it_in_config_json(tmp_path, monke
     assert len(chosen) >= 1 and chosen[0]["threads"] in (1, 2) and "step time by threads" in chosen[0]["why"]
 
 
-def test_a_tuned_sweep_tunes_its_whole_step_once(tmp_path, monkeypatch, capsys):
+def test_a_tuned_sweep_tunes_its_whole_step_once(tmp_path, tuned_two_cores, capsys):
     """A sweep's variants share the process's threads: one tuner times the whole sweep step and
     says its choice once, not one per variant."""
-    import torch
     from train_case import tiny_config
     from spot_fast.sweep.run import SweepConfig, sweep
 
-    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
-    monkeypatch.setattr(threads, "busy_cores", lambda: 0)
-    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(threads, "SMALL_WORK", 1)
-    before = torch.get_num_threads()
-    try:
-        sweep(SweepConfig(train=tiny_config(tmp_path / "sweep", epochs=2), grid=["optim.lr=4e-4,2e-3"]))
-    finally:
-        torch.set_num_threads(before)
+    sweep(SweepConfig(train=tiny_config(tmp_path / "sweep", epochs=2), grid=["optim.lr=4e-4,2e-3"]))
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sweep threads:")]
     assert len(said) == 1 and "step time by threads" in said[0]

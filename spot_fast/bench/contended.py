@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -72,11 +72,8 @@ def contended_section(row, cfg, batch: int, device: torch.device, warmup: int, r
         chosen = {b: [] for b in blocks}
         for _ in range(ROUNDS):                   # the blocks alternate: drift falls on all of them
             for block in blocks:
-                if block == "quiet":
-                    chosen[block].append(choose())
-                    _timed(row, device, warmup, repeats, times[block], cores[block])
-                    continue
-                with busy_neighbours(usable_cores(), own_session=NEIGHBOURS[block]):
+                with (nullcontext() if block == "quiet" else
+                      busy_neighbours(usable_cores(), own_session=NEIGHBOURS[block])):
                     chosen[block].append(choose())
                     _timed(row, device, warmup, repeats, times[block], cores[block])
         quiet, quiet_cores = statistics.median(times["quiet"]), statistics.median(cores["quiet"])

@@ -36,7 +36,7 @@ from spot_fast.sweep.memory import GIB, HEADROOM, check_fits, free_bytes, how_ma
 from spot_fast.sweep.report import write_sweep_summary
 from spot_fast.sweep.stacked import StackedSPOT, stack_key
 from spot_fast.sweep.variant import SharedTeacher, VariantRun, stacked_train_step
-from spot_fast.threads import ThreadTuner, step_work
+from spot_fast.threads import step_work
 from spot_fast.train import ddp
 from spot_fast.train.config import RESUME_FREE, TrainConfig, TrainError, config_diff, model_config
 from spot_fast.train.loop import Trainer
@@ -235,8 +235,7 @@ class Sweep:
         spe, total = first.steps_per_epoch, max(r.trainer.total_steps for r in self.runs)
         step = min(r.trainer.state.step for r in self.runs)
         # one tuner for the whole sweep step: the variants share the process's threads
-        tuner = ThreadTuner.for_run(None, first.work, first.device, say=lambda m: print(f"sweep {m}", flush=True)) \
-            if first.tuned else None
+        tuner = first.thread_tuner(say=lambda m: print(f"sweep {m}", flush=True))
         t0 = time.perf_counter()
         while step < total:
             epoch, start = divmod(step, spe)

@@ -36,7 +36,7 @@ from spot_fast.io import write_json_atomic
 from spot_fast.errors import Interrupted
 from spot_fast.model import SPOT
 from spot_fast.runs import CONFIG_FILE, RunError, RunLock, step_checkpoints
-from spot_fast.threads import ThreadTuner, step_work, tunes
+from spot_fast.threads import ThreadTuner, step_work
 from spot_fast.train import ddp, folder
 from spot_fast.train.config import TrainConfig, TrainError
 from spot_fast.train.logging import LOG_FILE, RunLog, truncate_log
@@ -75,12 +75,10 @@ class Trainer:
                                               self.setup.data_info["train_samples"], self.ranks.world_size)
         # threads: the count the run starts with; tuned: the loop's step times may change it
         # (ThreadTuner; each change is a "threads" record in log.jsonl and a line of the log)
-        self.tuned = self.ranks.world_size == 1 and tunes(getattr(cfg, "threads", None), self.work, self.device)
-        self.setup.threads_tuned = self.tuned
         self.config = folder.run_config(self.cfg.to_dict(), cfg.to_dict(), self.setup.data_info,
                                         self.setup.teacher_id, self.ranks.world_size,
                                         {"device": str(self.device), "precision": self.setup.precision,
-                                         "threads": self.setup.threads, "threads_tuned": self.tuned})
+                                         "threads": self.setup.threads, "threads_tuned": self.setup.threads_tuned})
 
     @property
     def batch_size(self) -> int:
@@ -91,12 +89,12 @@ class Trainer:
         """The step's work size, as the thread and precision policies read it."""
         return step_work(self.cfg.encoder, self.batch_size)
 
-    def thread_tuner(self) -> ThreadTuner | None:
+    def thread_tuner(self, say=None) -> ThreadTuner | None:
         """The tuner a driver's loop feeds with step times (None where the run's threads are fixed);
-        its changes go to the log."""
-        if not self.tuned:
+        its changes go to `say`, by default this run's log."""
+        if not self.setup.threads_tuned:
             return None
-        return ThreadTuner.for_run(None, self.work, self.device, say=self.threads_changed)
+        return ThreadTuner.for_run(None, self.work, self.device, say=say or self.threads_changed)
 
     def threads_changed(self, message: str) -> None:
         if self.log is not None:
@@ -211,10 +209,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop, batch by batch
 
-    def step(self, batch: dict, wait: float = 0.0) -> dict[str, torch.Tensor]:
+    def step(self, batch: dict, wait: float = 0.0, tuner: ThreadTuner | None = None) -> dict[str, torch.Tensor]:
         """One optimiser step on the next device batch of the run, then `record` it. `wait`: the
-        seconds spent waiting for the batch (the log's data_wait)."""
+        seconds spent waiting for the batch (the log's data_wait); `tuner` is given the step's
+        compute time."""
+        t0 = time.perf_counter()
         out = self.train_step(batch)
+        if tuner is not None:
+            tuner.observe(time.perf_counter() - t0)
         self.record(out, batch, wait)
         return out
 
@@ -311,11 +313,7 @@ class Trainer:
             if batch is None:                   # the reader gave fewer than steps_per_epoch batches
                 self.end_epoch()
                 return
-            t1 = time.perf_counter()
-            out = self.train_step(batch)
-            if tuner is not None:
-                tuner.observe(time.perf_counter() - t1)
-            self.record(out, batch, t1 - t0)
+            self.step(batch, time.perf_counter() - t0, tuner)
 
     def _log_window(self) -> None:
         self._check_finite()

@@ -27,7 +27,7 @@ from spot_fast.errors import arg, on_cli
 from spot_fast.model import SPOT
 from spot_fast.schedules import cosine_schedule, warmup_epochs
 from spot_fast.precision import resolve_precision
-from spot_fast.threads import configure_threads, step_work
+from spot_fast.threads import configure_threads, step_work, tunes
 from spot_fast.train.config import TrainConfig, TrainError, model_config
 from spot_fast.train.data import CacheBatches, ImageBatches, StreamBatches, stage2_targets
 from spot_fast.train.ddp import Ranks
@@ -201,6 +201,7 @@ def resolve_run(tcfg: TrainConfig, ranks: Ranks) -> RunSetup:
     setup.precision = set_precision(ranks.device, tcfg.precision, work)
     setup.autocast_dtype = torch.bfloat16 if setup.precision == "bf16" else None
     setup.threads = configure_threads(getattr(tcfg, "threads", None), work=work)
+    setup.threads_tuned = ranks.world_size == 1 and tunes(getattr(tcfg, "threads", None), work, ranks.device)
     return setup
 
 
