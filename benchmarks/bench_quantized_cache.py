@@ -10,9 +10,10 @@ Four parts, each a table:
 2. size and reader speed on a COCO-shaped cache (196 tokens x 768, 2 views + 197 split tokens, the
    real builder fed by a stand-in encoder): bytes/image (scales included) and TrainReader img/s and
    GB/s (stored bytes read) over one epoch, warm (page cache) and cold (evicted first: drop_caches
-   when permitted, else posix_fadvise DONTNEED per file), the dtypes interleaved; beside cold, the
-   disk's own img/s for the same slabs (plain preads, 16 in flight): a cold ratio between dtypes
-   can only be judged against the disk's.
+   when permitted, else posix_fadvise DONTNEED per file), the dtypes interleaved and each compared
+   with fp16 in the same repeat; beside cold, the disk's own img/s for the same slabs (all handed
+   to the kernel's read-ahead at once, no copy): a cold ratio between dtypes can only be judged
+   against the disk's.
 3. stage 1: the `tiny` preset trained from each cache (the library API, one thread per run, two
    runs at a time) over --seeds seeds; mean and standard error of the last epoch's reconstruction
    MSE against the fp16 val targets and of FG-ARI, mBO^i, mBO^c, mIoU (decoder masks, each run
@@ -130,11 +131,14 @@ class Blank:
 
 def reader_speed(work: Path, images: int, batch: int, repeat: int) -> dict:
     """Each dtype's TrainReader over one epoch (one view per image), warm and cold, the dtypes
-    interleaved repeat by repeat (a shared machine's drift, or a cloud disk's burst credit, then
-    falls on all of them alike). img/s times the epoch's batches; opening the cache and its reader
-    (where an 8-bit zarr cache loads its per-token scales, once per training process) is timed
-    apart as open_s: a run pays it once, not every epoch. After each cold epoch, `disk_rate`: the
-    disk's own img/s for the same slabs, the ceiling of any reader of this layout."""
+    interleaved repeat by repeat, in turn forwards and backwards (so no dtype always follows the
+    same one). A shared machine's drift, or a cloud disk's changing speed, then falls on all of
+    them alike, and each repeat gives a paired ratio, a dtype's img/s over fp16's in the same
+    repeat: `x fp16` is the median of those (the ratio of the medians is kept as `*_vs_fp16`).
+    img/s times the epoch's batches; opening the cache and its reader (where an 8-bit zarr cache
+    loads its per-token scales, once per training process) is timed apart as open_s: a run pays it
+    once, not every epoch. After each cold epoch, `disk_rate`: the disk's own img/s for the same
+    slabs, read without the reader (its paired ratio is the disk's answer to "half the bytes")."""
     from spot_fast.cache import CacheSpec, build_cache, open_cache
     from spot_fast.config import EncoderConfig
     cfg = EncoderConfig(name="custom", image_size=224, patch_size=16, embed_dim=768, depth=1, num_heads=12,
@@ -149,7 +153,8 @@ def reader_speed(work: Path, images: int, batch: int, repeat: int) -> dict:
         token_bytes = sum(f.stat().st_size for f in files[dtype] if "/c/" in str(f) and
                           f.relative_to(path).parts[0] in ("features", "split_tokens", "features_scale",
                                                            "split_tokens_scale"))
-        out[dtype] = {"bytes_per_image": token_bytes / images, "warm": [], "cold": [], "disk": []}
+        out[dtype] = {"bytes_per_image": token_bytes / images}
+    runs = {d: {"warm": [], "cold": [], "disk": [], "open": []} for d in DTYPES}
 
     def epoch(dtype, e):
         t0 = time.perf_counter()
@@ -158,71 +163,64 @@ def reader_speed(work: Path, images: int, batch: int, repeat: int) -> dict:
         t1, n = time.perf_counter(), 0
         for b in reader:
             n += len(b["index"])
-        dt = time.perf_counter() - t1
-        return n / dt, n * out[dtype]["bytes_per_image"] / 2 / dt / 1e9, t1 - t0   # one view of each image
+        runs[dtype]["open"].append(t1 - t0)
+        return n / (time.perf_counter() - t1)
+
+    def turn(i):
+        return DTYPES if i % 2 == 0 else DTYPES[::-1]
     for dtype in DTYPES:
         epoch(dtype, 0)                                           # into the page cache
     for i in range(repeat):
-        for dtype in DTYPES:
-            out[dtype]["warm"].append(epoch(dtype, 1 + i))
+        for dtype in turn(i):
+            runs[dtype]["warm"].append(epoch(dtype, 1 + i))
     for i in range(repeat):
-        for dtype in DTYPES:
+        for dtype in turn(i):
             out[dtype]["eviction"] = evict(files[dtype])
-            out[dtype]["cold"].append(epoch(dtype, 10 + i))
+            runs[dtype]["cold"].append(epoch(dtype, 100 + i))
             evict(files[dtype])
-            out[dtype]["disk"].append(disk_rate(paths[dtype], batch, 10 + i))
+            runs[dtype]["disk"].append(disk_rate(paths[dtype], batch, 100 + i))
     for dtype in DTYPES:
-        row = out[dtype]
-        for kind in ("warm", "cold"):
-            runs = row.pop(kind)
-            row[f"{kind}_img_s"] = statistics.median(r[0] for r in runs)
-            row[f"{kind}_gb_s"] = statistics.median(r[1] for r in runs)
-            row[f"{kind}_best_img_s"] = max(r[0] for r in runs)   # the least disturbed epoch
-            row[f"{kind}_open_s"] = statistics.median(r[2] for r in runs)   # opening the cache and its reader
-        row["disk_img_s"] = statistics.median(row.pop("disk"))
         shutil.rmtree(paths[dtype])
+        row, mine, fp16 = out[dtype], runs[dtype], runs["fp16"]
+        row["open_s"] = statistics.median(mine["open"])
+        for kind in ("warm", "cold", "disk"):
+            row[f"{kind}_runs_img_s"] = mine[kind]
+            row[f"{kind}_img_s"] = statistics.median(mine[kind])
+            row[f"{kind}_gb_s"] = row[f"{kind}_img_s"] * row["bytes_per_image"] / 2 / 1e9   # one view per image
+            row[f"{kind}_best_img_s"] = max(mine[kind])                   # the least disturbed epoch
+            row[f"{kind}_paired_x_fp16"] = statistics.median(a / b for a, b in zip(mine[kind], fp16[kind]))
     for dtype in DTYPES:
         for k in ("bytes_per_image", "warm_img_s", "warm_best_img_s", "cold_img_s", "cold_best_img_s", "disk_img_s"):
             out[dtype][k + "_vs_fp16"] = out[dtype][k] / out["fp16"][k]
     return out
 
 
-DISK_THREADS = 16     # reads in flight for the disk's own rate
-
-
 def disk_rate(path: Path, batch: int, epoch: int) -> float:
-    """The disk's own img/s for a cold epoch: the token slabs the reader's epoch would copy (same
-    samples, views and arrays), each read by one plain pread, DISK_THREADS at a time, in no
-    particular order, straight after an eviction. What any reader of this layout could reach on
-    this disk: the cold ratio between dtypes cannot beat this one's."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
+    """The disk's own img/s for a cold epoch: the slabs the reader's epoch would copy (same samples,
+    views and arrays), all handed to the kernel's read-ahead at once (MADV_WILLNEED, as the reader
+    does a few batches at a time) straight after an eviction, then waited for by touching a byte of
+    every page: no copy, no batches, the reads alone. The ratio between dtypes it gives is the
+    disk's, for this layout: the reader's cold ratio is to be judged against it (on a disk where a
+    read costs more than its bytes, half the bytes is not half the time)."""
+    import mmap
     from spot_fast.cache import open_cache
-    from spot_fast.cache.slabs import zarr_slabs
     cache = open_cache(path, allow_random_init=True)
     reader = cache.train_reader(batch, seed=0, epoch=epoch, dtype=None, check=False)
-    shards = [s["index"] for s in cache.shards if s["images"] > 0]
-    reads = []                                           # (file, offset, nbytes)
-    for name in reader.tokens:
-        slabs = zarr_slabs(cache, name, check=False)
-        files = [str(cache.path / cache.shard_file(k, name)) for k in shards]
-        for samples, views in reader.plan(epoch):
-            reads += [(files[f], o, slabs.nbytes) for f, o in zip(slabs.file[samples].tolist(),
-                                                                  slabs.starts(samples, views).tolist())]
-    images = sum(len(samples) for samples, _ in reader.plan(epoch))
-    fds = {f: os.open(f, os.O_RDONLY) for f in {r[0] for r in reads}}
-
-    def read(r):
-        os.pread(fds[r[0]], r[2], r[1])
-    try:
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(DISK_THREADS) as pool:
-            list(pool.map(read, reads, chunksize=16))
-        seconds = time.perf_counter() - t0
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    return images / seconds
+    plan = reader.plan(epoch)
+    slabs = [reader.slabs[name] for name in reader.tokens]
+    P = mmap.PAGESIZE
+    t0 = time.perf_counter()
+    for s in slabs:
+        for samples, views in plan:
+            for f, start in zip(s.file[samples].tolist(), s.starts(samples, views).tolist()):
+                page = start - start % P
+                s.mmaps[f].madvise(mmap.MADV_WILLNEED, page, start + s.nbytes - page)
+    for s in slabs:
+        for samples, views in plan:
+            for f, start in zip(s.file[samples].tolist(), s.starts(samples, views).tolist()):
+                int(s.maps[f][start:start + s.nbytes:P].sum())       # a fault per page waits for its read
+    seconds = time.perf_counter() - t0
+    return sum(len(samples) for samples, _ in plan) / seconds
 
 
 # ----------------------------------------------------------------------------- 3-4. training
@@ -281,9 +279,10 @@ def print_reader(errors: dict, reader: dict) -> None:
         print(f"{d:6}{e['features']['median']:>13.2e}/{e['features']['p99']:.2e}"
               f"{e['split_tokens']['median']:>9.2e}/{e['split_tokens']['p99']:.2e}{tail:>19.2e}"
               f"{r['bytes_per_image']:>12,.0f}{r['bytes_per_image_vs_fp16']:>8.3f}{r['warm_img_s']:>12,.0f}"
-              f"{r['warm_best_img_s']:>9,.0f}{r['warm_img_s_vs_fp16']:>8.2f}{r['cold_img_s']:>12,.0f}"
-              f"{r['cold_img_s_vs_fp16']:>8.2f}{r['disk_img_s']:>12,.0f}{r['disk_img_s_vs_fp16']:>8.2f}"
-              f"{r['cold_open_s']:>9.3f}")
+              f"{r['warm_best_img_s']:>9,.0f}{r['warm_paired_x_fp16']:>8.2f}{r['cold_img_s']:>12,.0f}"
+              f"{r['cold_paired_x_fp16']:>8.2f}{r['disk_img_s']:>12,.0f}{r['disk_paired_x_fp16']:>8.2f}"
+              f"{r['open_s']:>9.3f}")
+    print("x fp16: the median over repeats of the dtype's img/s over fp16's in the same repeat")
 
 
 def main() -> None:
@@ -294,7 +293,7 @@ def main() -> None:
     p.add_argument("--num-train", type=int, default=96)
     p.add_argument("--num-val", type=int, default=32)
     p.add_argument("--reader-images", type=int, default=4096)
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time (one thread each)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--parts", choices=("all", "reader"), default="all",
