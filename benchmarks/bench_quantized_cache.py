@@ -197,8 +197,8 @@ def reader_speed(work: Path, images: int, batch: int, repeat: int) -> dict:
 
 def disk_rate(path: Path, batch: int, epoch: int) -> float:
     """The disk's own img/s for a cold epoch: the slabs the reader's epoch would copy (same samples,
-    views and arrays), all handed to the kernel's read-ahead at once (MADV_WILLNEED, as the reader
-    does a few batches at a time) straight after an eviction, then waited for by touching a byte of
+    views and arrays), all handed to the kernel's read-ahead at once (`MappedSlabs.advise`, which the
+    reader calls a few batches at a time) straight after an eviction, then waited for by touching a byte of
     every page: no copy, no batches, the reads alone. The ratio between dtypes it gives is the
     disk's, for this layout: the reader's cold ratio is to be judged against it (on a disk where a
     read costs more than its bytes, half the bytes is not half the time)."""
@@ -208,17 +208,14 @@ def disk_rate(path: Path, batch: int, epoch: int) -> float:
     reader = cache.train_reader(batch, seed=0, epoch=epoch, dtype=None, check=False)
     plan = reader.plan(epoch)
     slabs = [reader.slabs[name] for name in reader.tokens]
-    P = mmap.PAGESIZE
+    pages = [s.maps[f][start:start + s.nbytes:mmap.PAGESIZE] for s in slabs for samples, views in plan
+             for f, start in zip(s.file[samples].tolist(), s.starts(samples, views).tolist())]   # a byte per page
     t0 = time.perf_counter()
     for s in slabs:
         for samples, views in plan:
-            for f, start in zip(s.file[samples].tolist(), s.starts(samples, views).tolist()):
-                page = start - start % P
-                s.mmaps[f].madvise(mmap.MADV_WILLNEED, page, start + s.nbytes - page)
-    for s in slabs:
-        for samples, views in plan:
-            for f, start in zip(s.file[samples].tolist(), s.starts(samples, views).tolist()):
-                int(s.maps[f][start:start + s.nbytes:P].sum())       # a fault per page waits for its read
+            s.advise(samples, views)                     # the reader's own advice (no slab is resident)
+    for p in pages:
+        int(p.sum())                                     # a fault per page waits for its read
     seconds = time.perf_counter() - t0
     return sum(len(samples) for samples, _ in plan) / seconds
 
